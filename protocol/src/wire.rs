@@ -1,0 +1,239 @@
+//! Request and response bodies of the device protocol (`/api/v1/enroll`, `/auth`, `/heartbeat`) and
+//! the JSON error body every endpoint uses.
+//!
+//! Compatibility rule: fields are only ever added, with `#[serde(default)]`, so an older agent keeps
+//! working against a newer server and the other way round. Unknown command kinds are reported back
+//! as failed commands, never as a failed heartbeat.
+
+use serde::{Deserialize, Serialize};
+
+/// `POST /api/v1/enroll`, signed with the key in `public_key`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EnrollRequest {
+    pub tenant: String,
+    /// The bootstrap token (`kxb_...`). Secret.
+    pub token: String,
+    /// `/etc/machine-id` or the DMI product uuid: survives a re-install with a new key.
+    pub hardware_id: String,
+    /// PEM SubjectPublicKeyInfo of the device's RSA-4096 key.
+    pub public_key: String,
+    #[serde(default)]
+    pub facts: Facts,
+    /// Unix seconds; the server refuses requests too far from its clock (replay window).
+    pub timestamp: i64,
+}
+
+/// What a device says about itself at enrollment. All optional: the server stores what it gets.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Facts {
+    pub hostname: Option<String>,
+    pub os: Option<String>,
+    pub kernel: Option<String>,
+    pub arch: Option<String>,
+    pub agent_version: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EnrollResponse {
+    pub device_id: String,
+    pub tenant: String,
+    /// False when the request matched an existing device (same key, or same hardware id re-keyed).
+    pub created: bool,
+}
+
+/// `POST /api/v1/auth`, signed with the device key: trades one RSA signature for a bearer token.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AuthRequest {
+    pub device_id: String,
+    /// Unix seconds (replay window, as for enrollment).
+    pub timestamp: i64,
+    /// Random per request, so two requests in the same second differ.
+    pub nonce: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AuthResponse {
+    /// Bearer token for heartbeats; opaque to the agent.
+    pub token: String,
+    pub expires_in_s: u64,
+}
+
+/// `POST /api/v1/heartbeat` with `Authorization: Bearer <device token>`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HeartbeatRequest {
+    pub agent_version: String,
+    /// The interval the agent is using now, so the server can tell when a device is overdue.
+    pub interval_s: u32,
+    pub telemetry: Telemetry,
+    /// Results of commands received in earlier responses; re-sent until the server stops sending
+    /// the command.
+    #[serde(default)]
+    pub acks: Vec<CommandAck>,
+}
+
+/// Point-in-time health of the appliance, read from `/proc` and `statvfs`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Telemetry {
+    /// Busy share of all CPUs since the previous heartbeat, 0–100.
+    pub cpu_percent: f64,
+    pub mem_total_bytes: u64,
+    pub mem_available_bytes: u64,
+    /// Of the file system holding the agent's state directory.
+    pub disk_total_bytes: u64,
+    pub disk_free_bytes: u64,
+    pub load1: f64,
+    pub load5: f64,
+    pub load15: f64,
+    pub uptime_s: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HeartbeatResponse {
+    /// When to send the next heartbeat (before jitter).
+    pub interval_s: u32,
+    /// Commands not yet acknowledged, oldest first. Delivered at least once: the agent deduplicates
+    /// by `id`.
+    #[serde(default)]
+    pub commands: Vec<DeviceCommand>,
+}
+
+/// A command as the server delivers it. `kind` and `args` are kept loose on the wire so an older
+/// agent can refuse a newer kind by itself; [`CommandSpec::parse`] gives the typed form.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DeviceCommand {
+    pub id: String,
+    pub kind: String,
+    #[serde(default)]
+    pub args: serde_json::Value,
+}
+
+/// The commands this protocol version knows.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", content = "args", rename_all = "kebab-case")]
+pub enum CommandSpec {
+    /// Answers `pong` with the agent's clock: proves the command path end to end.
+    Ping,
+    /// Overrides the server-suggested heartbeat interval; the agent keeps it across restarts.
+    SetInterval(SetIntervalArgs),
+    /// The device forgets its identity and stops; the server refuses it from then on.
+    Deregister,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SetIntervalArgs {
+    pub seconds: u32,
+}
+
+/// Bounds for [`SetIntervalArgs::seconds`] and the server's suggested interval.
+pub const MIN_INTERVAL_S: u32 = 1;
+pub const MAX_INTERVAL_S: u32 = 86_400;
+
+impl CommandSpec {
+    /// Typed form of `kind` + `args`, with a message fit for an operator when they do not fit.
+    pub fn parse(kind: &str, args: &serde_json::Value) -> Result<CommandSpec, String> {
+        let mut object = serde_json::Map::new();
+        object.insert("kind".into(), serde_json::Value::String(kind.to_owned()));
+        // Unit variants must not carry args; an empty object or null counts as none.
+        let no_args = args.is_null() || args.as_object().is_some_and(|o| o.is_empty());
+        if !no_args {
+            object.insert("args".into(), args.clone());
+        }
+        let spec: CommandSpec = serde_json::from_value(serde_json::Value::Object(object))
+            .map_err(|e| format!("command `{kind}`: {e}"))?;
+        if let CommandSpec::SetInterval(SetIntervalArgs { seconds }) = spec {
+            if !(MIN_INTERVAL_S..=MAX_INTERVAL_S).contains(&seconds) {
+                return Err(format!(
+                    "command `set-interval`: seconds must be between {MIN_INTERVAL_S} and {MAX_INTERVAL_S}, got {seconds}"
+                ));
+            }
+        }
+        Ok(spec)
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CommandSpec::Ping => "ping",
+            CommandSpec::SetInterval(_) => "set-interval",
+            CommandSpec::Deregister => "deregister",
+        }
+    }
+}
+
+/// What became of a delivered command.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum CommandOutcome {
+    Succeeded,
+    Failed,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CommandAck {
+    pub id: String,
+    pub outcome: CommandOutcome,
+    /// Output or error text, at most [`MAX_COMMAND_OUTPUT`] bytes.
+    #[serde(default)]
+    pub output: String,
+}
+
+/// Longest command output the agent sends and the server stores.
+pub const MAX_COMMAND_OUTPUT: usize = 4096;
+
+/// `{"error": {"code": "...", "message": "..."}}`: the body of every non-2xx response.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable: scripts and the agent branch on it.
+    pub code: String,
+    pub message: String,
+}
+
+/// Error codes the agent acts on.
+pub mod codes {
+    /// The device was deregistered: stop for good.
+    pub const DEVICE_DEREGISTERED: &str = "device_deregistered";
+    /// The server does not know the device (database restored, device deleted): enroll again.
+    pub const UNKNOWN_DEVICE: &str = "unknown_device";
+    /// The bearer token expired or is not valid: authenticate again.
+    pub const INVALID_DEVICE_TOKEN: &str = "invalid_device_token";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn command_specs_parse_from_kind_and_args() {
+        assert_eq!(CommandSpec::parse("ping", &json!(null)), Ok(CommandSpec::Ping));
+        assert_eq!(CommandSpec::parse("ping", &json!({})), Ok(CommandSpec::Ping));
+        assert_eq!(
+            CommandSpec::parse("set-interval", &json!({"seconds": 30})),
+            Ok(CommandSpec::SetInterval(SetIntervalArgs { seconds: 30 }))
+        );
+        assert_eq!(CommandSpec::parse("deregister", &json!(null)), Ok(CommandSpec::Deregister));
+    }
+
+    #[test]
+    fn bad_commands_are_explained() {
+        let e = CommandSpec::parse("reboot-now", &json!(null)).unwrap_err();
+        assert!(e.starts_with("command `reboot-now`: unknown variant `reboot-now`"), "{e}");
+        let e = CommandSpec::parse("set-interval", &json!({"secs": 3})).unwrap_err();
+        assert!(e.contains("unknown field `secs`"), "{e}");
+        let e = CommandSpec::parse("set-interval", &json!({"seconds": 0})).unwrap_err();
+        assert_eq!(e, "command `set-interval`: seconds must be between 1 and 86400, got 0");
+    }
+
+    #[test]
+    fn heartbeat_response_tolerates_missing_optional_fields() {
+        let r: HeartbeatResponse = serde_json::from_str(r#"{"interval_s": 60}"#).unwrap();
+        assert!(r.commands.is_empty());
+    }
+}

@@ -1,0 +1,247 @@
+//! The device protocol: enrollment, authentication, heartbeats.
+
+use super::extract::{bearer, ApiJson, SignedBody};
+use super::AppState;
+use crate::db::devices;
+use crate::db::tokens::TokenState;
+use crate::db::{audit, new_id, now_ms, tenants, tokens, with_pool};
+use crate::device_token::DeviceClaims;
+use crate::error::ApiError;
+use crate::heartbeat::{Beat, BeatOutcome};
+use axum::extract::State;
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use axum::Json;
+use kernex_protocol::wire::{
+    codes, AuthRequest, AuthResponse, EnrollRequest, EnrollResponse, HeartbeatRequest, HeartbeatResponse,
+    MAX_INTERVAL_S, MIN_INTERVAL_S,
+};
+use kernex_protocol::{DevicePublicKey, SecretToken, SigningError, TokenKind, MAX_CLOCK_SKEW_S};
+use serde_json::json;
+
+/// Most command results accepted in one heartbeat.
+const MAX_ACKS: usize = 64;
+
+fn invalid_token() -> ApiError {
+    ApiError::unauthorized("invalid_token", "the bootstrap token is not valid for this tenant")
+}
+
+fn deregistered() -> ApiError {
+    ApiError::forbidden(codes::DEVICE_DEREGISTERED, "this device has been deregistered")
+}
+
+fn signature_error(e: SigningError) -> ApiError {
+    match e {
+        SigningError::WrongKeySize { .. } | SigningError::PublicKeyPem(_) => {
+            ApiError::bad_request("invalid_public_key", e.to_string())
+        }
+        _ => ApiError::unauthorized("bad_signature", e.to_string()),
+    }
+}
+
+/// `POST /api/v1/enroll`. Idempotent: the same key, or the same hardware id with a new key (a
+/// re-installed appliance), gets the same device back.
+pub async fn enroll(State(state): State<AppState>, body: SignedBody) -> Result<(StatusCode, Json<EnrollResponse>), ApiError> {
+    let request: EnrollRequest = body.json()?;
+    // Proof of possession first: nothing below runs for a body the key did not sign.
+    let public_key = DevicePublicKey::from_pem(&request.public_key).map_err(signature_error)?;
+    public_key.verify(&body.bytes, &body.signature).map_err(signature_error)?;
+    if request.hardware_id.trim().is_empty() || request.hardware_id.len() > 256 {
+        return Err(ApiError::bad_request("invalid_hardware_id", "hardware_id must be 1 to 256 characters"));
+    }
+    let token = SecretToken::parse(TokenKind::Bootstrap, &request.token).map_err(|_| invalid_token())?;
+    let tenant = tenants::by_name(&state.db, &request.tenant).await?.ok_or_else(invalid_token)?;
+    let token_row = tokens::bootstrap_token(&state.db, &tenant.id, token.id())
+        .await?
+        .filter(|row| row.matches(&token))
+        .ok_or_else(invalid_token)?;
+    let now = now_ms();
+    let token_state = token_row.state(now);
+    if token_state == TokenState::Revoked {
+        return Err(ApiError::forbidden("token_revoked", "the bootstrap token has been revoked"));
+    }
+    let fingerprint = public_key.fingerprint();
+    let facts = serde_json::to_string(&request.facts).map_err(anyhow::Error::from)?;
+
+    // A retry of an enrollment that succeeded (the response was lost): same device, no use spent.
+    if let Some(device) = devices::by_fingerprint(&state.db, &tenant.id, &fingerprint).await? {
+        if device.deregistered_at.is_some() {
+            return Err(deregistered());
+        }
+        return Ok((StatusCode::OK, Json(EnrollResponse { device_id: device.id, tenant: tenant.name, created: false })));
+    }
+    match token_state {
+        TokenState::Expired => return Err(ApiError::forbidden("token_expired", "the bootstrap token has expired")),
+        TokenState::Exhausted => return Err(exhausted()),
+        TokenState::Active | TokenState::Revoked => {}
+    }
+
+    let outcome = with_pool!(&state.db, pool => {
+        let mut tx = pool.begin().await?;
+        // Spend one use atomically; the conditions repeat the checks above against concurrent enrollments.
+        let spent = sqlx::query(
+            "UPDATE bootstrap_tokens SET uses = uses + 1 WHERE id = $1 AND tenant_id = $2 AND revoked_at IS NULL
+             AND (expires_at IS NULL OR expires_at > $3) AND (uses_allowed IS NULL OR uses < uses_allowed)")
+            .bind(&token_row.id)
+            .bind(&tenant.id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        if spent.rows_affected() == 0 {
+            return Err(exhausted());
+        }
+        let existing: Option<(String, String, Option<i64>)> = sqlx::query_as(
+            "SELECT id, key_fingerprint, deregistered_at FROM devices WHERE tenant_id = $1 AND hardware_id = $2")
+            .bind(&tenant.id)
+            .bind(&request.hardware_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let outcome = match existing {
+            Some((_, _, Some(_))) => return Err(deregistered()),
+            Some((id, old_fingerprint, None)) => {
+                sqlx::query(
+                    "UPDATE devices SET public_key = $1, key_fingerprint = $2, facts = $3, enrolled_with = $4,
+                     last_auth_nonce = NULL WHERE id = $5")
+                    .bind(public_key.to_pem())
+                    .bind(&fingerprint)
+                    .bind(&facts)
+                    .bind(&token_row.id)
+                    .bind(&id)
+                    .execute(&mut *tx)
+                    .await?;
+                Enrolled::Rekeyed { id, old_fingerprint }
+            }
+            None => {
+                let id = new_id();
+                let inserted = sqlx::query(
+                    "INSERT INTO devices (id, tenant_id, hardware_id, key_fingerprint, public_key, facts, enrolled_at, enrolled_with)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
+                    .bind(&id)
+                    .bind(&tenant.id)
+                    .bind(&request.hardware_id)
+                    .bind(&fingerprint)
+                    .bind(public_key.to_pem())
+                    .bind(&facts)
+                    .bind(now)
+                    .bind(&token_row.id)
+                    .execute(&mut *tx)
+                    .await;
+                match inserted {
+                    Ok(_) => Enrolled::Created { id },
+                    Err(e) if crate::db::is_unique_violation(&e) => {
+                        return Err(ApiError::conflict("enrollment_conflict", "a concurrent enrollment of this device won; retry"))
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        };
+        tx.commit().await?;
+        Ok::<_, ApiError>(outcome)
+    })?;
+
+    let actor = format!("token:{}", token_row.id);
+    let (device_id, status) = match outcome {
+        Enrolled::Created { id } => {
+            audit::record(&state.db, Some(&tenant.id), &actor, "device.enrolled", &id,
+                json!({"hardware_id": request.hardware_id, "key_fingerprint": fingerprint})).await;
+            tracing::info!(device = %id, tenant = %tenant.name, "device enrolled");
+            (id, StatusCode::CREATED)
+        }
+        Enrolled::Rekeyed { id, old_fingerprint } => {
+            audit::record(&state.db, Some(&tenant.id), &actor, "device.rekeyed", &id,
+                json!({"hardware_id": request.hardware_id, "before": {"key_fingerprint": old_fingerprint},
+                       "after": {"key_fingerprint": fingerprint}})).await;
+            tracing::warn!(device = %id, tenant = %tenant.name, "device re-enrolled with a new key");
+            (id, StatusCode::OK)
+        }
+    };
+    Ok((status, Json(EnrollResponse { device_id, tenant: tenant.name, created: status == StatusCode::CREATED })))
+}
+
+enum Enrolled {
+    Created { id: String },
+    Rekeyed { id: String, old_fingerprint: String },
+}
+
+fn exhausted() -> ApiError {
+    ApiError::forbidden("token_exhausted", "the bootstrap token has no uses left")
+}
+
+/// `POST /api/v1/auth`: one RSA verification, then a bearer token for heartbeats.
+pub async fn auth(State(state): State<AppState>, body: SignedBody) -> Result<Json<AuthResponse>, ApiError> {
+    let request: AuthRequest = body.json()?;
+    let device = devices::by_id(&state.db, &request.device_id).await?.ok_or_else(unknown_device)?;
+    if device.deregistered_at.is_some() {
+        return Err(deregistered());
+    }
+    let public_key = DevicePublicKey::from_pem(&device.public_key).map_err(anyhow::Error::from)?;
+    public_key.verify(&body.bytes, &body.signature).map_err(signature_error)?;
+    let now_s = now_ms() / 1000;
+    if (now_s - request.timestamp).abs() > MAX_CLOCK_SKEW_S {
+        return Err(ApiError::unauthorized(
+            "clock_skew",
+            format!("request timestamp {} is more than {MAX_CLOCK_SKEW_S} s from the server's clock {now_s}", request.timestamp),
+        ));
+    }
+    if request.nonce.len() < 16 || !devices::accept_auth_nonce(&state.db, &device.id, &request.nonce).await? {
+        return Err(ApiError::unauthorized("replayed_request", "the auth request's nonce was already used"));
+    }
+    let ttl = state.settings.device_token_ttl.as_secs();
+    let token = state.device_tokens.issue(&DeviceClaims {
+        device_id: device.id,
+        tenant_id: device.tenant_id,
+        expires_at: now_s + ttl as i64,
+    });
+    Ok(Json(AuthResponse { token, expires_in_s: ttl }))
+}
+
+fn unknown_device() -> ApiError {
+    ApiError::not_found(codes::UNKNOWN_DEVICE, "no such device; enroll again")
+}
+
+/// The claims of the device token in `Authorization`.
+pub struct DeviceAuth(pub DeviceClaims);
+
+impl axum::extract::FromRequestParts<AppState> for DeviceAuth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = bearer(parts).ok_or_else(|| {
+            ApiError::unauthorized(codes::INVALID_DEVICE_TOKEN, "a device token is required (Authorization: Bearer ...)")
+        })?;
+        state.device_tokens.verify(token, now_ms() / 1000).map(DeviceAuth)
+    }
+}
+
+/// `POST /api/v1/heartbeat`: store telemetry and acks, answer with the interval and open commands.
+pub async fn heartbeat(
+    State(state): State<AppState>,
+    DeviceAuth(claims): DeviceAuth,
+    ApiJson(request): ApiJson<HeartbeatRequest>,
+) -> Result<Json<HeartbeatResponse>, ApiError> {
+    if request.acks.len() > MAX_ACKS {
+        return Err(ApiError::bad_request("too_many_acks", format!("at most {MAX_ACKS} acks per heartbeat")));
+    }
+    if !(MIN_INTERVAL_S..=MAX_INTERVAL_S).contains(&request.interval_s) {
+        return Err(ApiError::bad_request(
+            "invalid_interval",
+            format!("interval_s must be between {MIN_INTERVAL_S} and {MAX_INTERVAL_S}"),
+        ));
+    }
+    let beat = Beat {
+        device_id: claims.device_id,
+        agent_version: request.agent_version.chars().take(64).collect(),
+        interval_s: request.interval_s,
+        telemetry_json: serde_json::to_string(&request.telemetry).map_err(anyhow::Error::from)?,
+        acks: request.acks,
+    };
+    match state.heartbeats.submit(beat).await? {
+        BeatOutcome::Accepted { commands } => Ok(Json(HeartbeatResponse {
+            interval_s: state.settings.heartbeat_interval.as_secs().clamp(1, u64::from(MAX_INTERVAL_S)) as u32,
+            commands,
+        })),
+        BeatOutcome::Deregistered => Err(deregistered()),
+        BeatOutcome::UnknownDevice => Err(unknown_device()),
+    }
+}
+

@@ -1,0 +1,136 @@
+//! Devices: enrolled appliances, their identity and their latest heartbeat.
+
+use super::{now_ms, rfc3339, with_pool, Db};
+use serde::Serialize;
+
+const DEVICE_COLUMNS: &str = "id, tenant_id, hardware_id, key_fingerprint, public_key, facts, enrolled_at, \
+     deregistered_at, last_heartbeat, interval_s, agent_version, telemetry";
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Device {
+    pub id: String,
+    pub tenant_id: String,
+    pub hardware_id: String,
+    pub key_fingerprint: String,
+    pub public_key: String,
+    /// JSON of [`kernex_protocol::wire::Facts`].
+    pub facts: String,
+    pub enrolled_at: i64,
+    pub deregistered_at: Option<i64>,
+    pub last_heartbeat: Option<i64>,
+    /// The interval the device said it uses, in seconds.
+    pub interval_s: Option<i64>,
+    pub agent_version: Option<String>,
+    /// JSON of the latest [`kernex_protocol::wire::Telemetry`].
+    pub telemetry: Option<String>,
+}
+
+/// Liveness as operators see it, derived from the last heartbeat (never stored, so never stale).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceStatus {
+    /// Enrolled, no heartbeat yet.
+    Pending,
+    Online,
+    /// Missed `offline_after` intervals in a row.
+    Offline,
+    Deregistered,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DeviceView {
+    pub id: String,
+    pub hardware_id: String,
+    pub status: DeviceStatus,
+    pub last_heartbeat: Option<String>,
+    pub agent_version: Option<String>,
+    pub telemetry: Option<serde_json::Value>,
+    pub interval_s: Option<i64>,
+    pub facts: serde_json::Value,
+    pub key_fingerprint: String,
+    pub enrolled_at: String,
+    pub deregistered_at: Option<String>,
+}
+
+impl Device {
+    /// Offline once `offline_after` whole intervals passed without a heartbeat.
+    pub fn status(&self, now: i64, offline_after: u32) -> DeviceStatus {
+        if self.deregistered_at.is_some() {
+            return DeviceStatus::Deregistered;
+        }
+        match (self.last_heartbeat, self.interval_s) {
+            (Some(last), Some(interval)) => {
+                let deadline = last + interval.max(1) * 1000 * i64::from(offline_after);
+                if now > deadline {
+                    DeviceStatus::Offline
+                } else {
+                    DeviceStatus::Online
+                }
+            }
+            _ => DeviceStatus::Pending,
+        }
+    }
+
+    pub fn view(&self, now: i64, offline_after: u32) -> DeviceView {
+        let json = |s: &str| serde_json::from_str(s).unwrap_or(serde_json::Value::Null);
+        DeviceView {
+            id: self.id.clone(),
+            hardware_id: self.hardware_id.clone(),
+            status: self.status(now, offline_after),
+            last_heartbeat: self.last_heartbeat.map(rfc3339),
+            agent_version: self.agent_version.clone(),
+            telemetry: self.telemetry.as_deref().map(json),
+            interval_s: self.interval_s,
+            facts: json(&self.facts),
+            key_fingerprint: self.key_fingerprint.clone(),
+            enrolled_at: rfc3339(self.enrolled_at),
+            deregistered_at: self.deregistered_at.map(rfc3339),
+        }
+    }
+}
+
+/// The device with `id`, of any tenant (device-protocol paths, where the caller proved the id).
+pub async fn by_id(db: &Db, id: &str) -> Result<Option<Device>, sqlx::Error> {
+    let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE id = $1");
+    with_pool!(db, pool => sqlx::query_as::<_, Device>(&sql).bind(id).fetch_optional(pool).await)
+}
+
+/// The device with `id` if it belongs to `tenant_id` (REST paths).
+pub async fn in_tenant(db: &Db, tenant_id: &str, id: &str) -> Result<Option<Device>, sqlx::Error> {
+    let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE tenant_id = $1 AND id = $2");
+    with_pool!(db, pool => sqlx::query_as::<_, Device>(&sql).bind(tenant_id).bind(id).fetch_optional(pool).await)
+}
+
+pub async fn by_fingerprint(db: &Db, tenant_id: &str, fingerprint: &str) -> Result<Option<Device>, sqlx::Error> {
+    let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE tenant_id = $1 AND key_fingerprint = $2");
+    with_pool!(db, pool => sqlx::query_as::<_, Device>(&sql).bind(tenant_id).bind(fingerprint).fetch_optional(pool).await)
+}
+
+pub async fn list(db: &Db, tenant_id: &str) -> Result<Vec<Device>, sqlx::Error> {
+    let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE tenant_id = $1 ORDER BY enrolled_at, id");
+    with_pool!(db, pool => sqlx::query_as::<_, Device>(&sql).bind(tenant_id).fetch_all(pool).await)
+}
+
+/// Marks a device deregistered; its heartbeats and authentications are refused from now on.
+/// Returns false when it already was.
+pub async fn deregister(db: &Db, tenant_id: &str, id: &str) -> Result<bool, sqlx::Error> {
+    let done = with_pool!(db, pool => sqlx::query(
+        "UPDATE devices SET deregistered_at = $1 WHERE tenant_id = $2 AND id = $3 AND deregistered_at IS NULL")
+        .bind(now_ms())
+        .bind(tenant_id)
+        .bind(id)
+        .execute(pool)
+        .await.map(|r| r.rows_affected()))?;
+    Ok(done == 1)
+}
+
+/// Remembers the nonce of an accepted auth request; false if it equals the previous one (a replay).
+pub async fn accept_auth_nonce(db: &Db, id: &str, nonce: &str) -> Result<bool, sqlx::Error> {
+    let done = with_pool!(db, pool => sqlx::query(
+        "UPDATE devices SET last_auth_nonce = $1 WHERE id = $2 AND (last_auth_nonce IS NULL OR last_auth_nonce <> $1)")
+        .bind(nonce)
+        .bind(id)
+        .execute(pool)
+        .await.map(|r| r.rows_affected()))?;
+    Ok(done == 1)
+}

@@ -1,0 +1,182 @@
+//! Storage: one enum over the two backends, one set of SQL that both accept.
+//!
+//! Every query is written once in the common dialect (`$N` placeholders, `BIGINT` unix-millisecond
+//! times, `TEXT` ids, `RETURNING`, `ON CONFLICT`) and run through [`with_pool!`], which compiles it
+//! against each backend's native driver. Backend-specific code is the exception and lives next to
+//! its portable twin.
+
+pub mod audit;
+pub mod commands;
+pub mod devices;
+pub mod secrets;
+pub mod tenants;
+pub mod tokens;
+
+use anyhow::Context as _;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{PgPool, SqlitePool};
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// A connection pool to whichever backend the operator chose.
+#[derive(Debug, Clone)]
+pub enum Db {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Runs `$body` with `$pool` bound to the backend's native pool; `$body` is compiled once per backend.
+#[macro_export]
+macro_rules! with_pool {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match $db {
+            $crate::db::Db::Sqlite($pool) => $body,
+            $crate::db::Db::Postgres($pool) => $body,
+        }
+    };
+}
+pub use with_pool;
+
+/// Name of the SQLite file inside the data directory.
+pub const SQLITE_FILE: &str = "kernex.db";
+
+impl Db {
+    /// Opens `database` (a `postgres://` URL) or, when absent, the SQLite file in `data_dir`, and runs
+    /// pending migrations.
+    pub async fn open(database: Option<&str>, data_dir: &Path) -> anyhow::Result<Db> {
+        let db = match database {
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                let options = PgConnectOptions::from_str(url)
+                    .with_context(|| format!("parsing --database URL {}", redact_url(url)))?;
+                let pool = PgPoolOptions::new()
+                    .max_connections(16)
+                    .acquire_timeout(Duration::from_secs(5))
+                    .connect_with(options)
+                    .await
+                    .with_context(|| format!("connecting to PostgreSQL at {}", redact_url(url)))?;
+                Db::Postgres(pool)
+            }
+            Some(url) if url.starts_with("sqlite:") => {
+                let options = SqliteConnectOptions::from_str(url)
+                    .with_context(|| format!("parsing --database URL {url}"))?;
+                Db::Sqlite(open_sqlite(options).await.with_context(|| format!("opening {url}"))?)
+            }
+            Some(url) => anyhow::bail!(
+                "--database {}: unsupported URL scheme (use postgres://... or sqlite:PATH)",
+                redact_url(url)
+            ),
+            None => {
+                std::fs::create_dir_all(data_dir)
+                    .with_context(|| format!("creating data directory {}", data_dir.display()))?;
+                let file = data_dir.join(SQLITE_FILE);
+                let options = SqliteConnectOptions::new().filename(&file);
+                Db::Sqlite(
+                    open_sqlite(options)
+                        .await
+                        .with_context(|| format!("opening SQLite database {}", file.display()))?,
+                )
+            }
+        };
+        db.migrate().await?;
+        Ok(db)
+    }
+
+    async fn migrate(&self) -> anyhow::Result<()> {
+        match self {
+            Db::Sqlite(pool) => sqlx::migrate!("migrations/sqlite").run(pool).await,
+            Db::Postgres(pool) => sqlx::migrate!("migrations/postgres").run(pool).await,
+        }
+        .context("running database migrations")
+    }
+
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Db::Sqlite(_) => "sqlite",
+            Db::Postgres(_) => "postgres",
+        }
+    }
+
+    /// True when the database answers a trivial query.
+    pub async fn ping(&self) -> bool {
+        with_pool!(self, pool => sqlx::query("SELECT 1").execute(pool).await.is_ok())
+    }
+
+    pub async fn close(&self) {
+        with_pool!(self, pool => pool.close().await)
+    }
+}
+
+async fn open_sqlite(options: SqliteConnectOptions) -> Result<SqlitePool, sqlx::Error> {
+    // WAL: readers never block the writer. FULL: a heartbeat is on disk before it is answered;
+    // the heartbeat writer batches commits so the fsync cost is shared.
+    let options = options
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(Duration::from_secs(10))
+        .foreign_keys(true);
+    SqlitePoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options)
+        .await
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`, for error messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{}:***{}", &url[..scheme_end + 3], user, &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Milliseconds since the Unix epoch: the one time representation in the database.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// RFC 3339 (UTC) for a stored millisecond time.
+pub fn rfc3339(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+/// A fresh random id (UUID v4, hyphenated).
+pub fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// True when `err` is a unique-constraint violation (a concurrent insert won).
+pub fn is_unique_violation(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(redact_url("postgres://kx:pw@localhost/db"), "postgres://kx:***@localhost/db");
+        assert_eq!(redact_url("postgres://localhost/db"), "postgres://localhost/db");
+    }
+
+    #[test]
+    fn rfc3339_formats_utc() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+    }
+}

@@ -1,0 +1,109 @@
+//! Short-lived bearer tokens for devices: one RSA verification at `/auth` buys an HMAC-signed token
+//! that every heartbeat checks without touching the database or doing public-key work.
+//!
+//! Form: `v1.<base64url(json claims)>.<base64url(HMAC-SHA256(key, "v1." + claims))>`. The key is
+//! shared by all replicas through the database.
+
+use crate::error::ApiError;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use kernex_protocol::wire::codes;
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+/// What a device token asserts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceClaims {
+    #[serde(rename = "d")]
+    pub device_id: String,
+    #[serde(rename = "t")]
+    pub tenant_id: String,
+    /// Unix seconds after which the token is refused.
+    #[serde(rename = "e")]
+    pub expires_at: i64,
+}
+
+#[derive(Clone)]
+pub struct DeviceTokenKey {
+    mac: Hmac<Sha256>,
+}
+
+impl std::fmt::Debug for DeviceTokenKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeviceTokenKey(..)")
+    }
+}
+
+const VERSION: &str = "v1.";
+
+impl DeviceTokenKey {
+    pub fn new(secret: &[u8]) -> DeviceTokenKey {
+        DeviceTokenKey {
+            mac: Hmac::new_from_slice(secret).expect("HMAC accepts keys of any length"),
+        }
+    }
+
+    pub fn issue(&self, claims: &DeviceClaims) -> String {
+        let payload = B64.encode(serde_json::to_vec(claims).expect("claims serialize"));
+        let mut mac = self.mac.clone();
+        mac.update(VERSION.as_bytes());
+        mac.update(payload.as_bytes());
+        format!("{VERSION}{payload}.{}", B64.encode(mac.finalize().into_bytes()))
+    }
+
+    /// The claims of a genuine, unexpired token.
+    pub fn verify(&self, token: &str, now_s: i64) -> Result<DeviceClaims, ApiError> {
+        let invalid = || ApiError::unauthorized(codes::INVALID_DEVICE_TOKEN, "the device token is invalid or expired");
+        let rest = token.strip_prefix(VERSION).ok_or_else(invalid)?;
+        let (payload, signature) = rest.split_once('.').ok_or_else(invalid)?;
+        let signature = B64.decode(signature).map_err(|_| invalid())?;
+        let mut mac = self.mac.clone();
+        mac.update(VERSION.as_bytes());
+        mac.update(payload.as_bytes());
+        mac.verify_slice(&signature).map_err(|_| invalid())?;
+        let claims: DeviceClaims = B64
+            .decode(payload)
+            .ok()
+            .and_then(|json| serde_json::from_slice(&json).ok())
+            .ok_or_else(invalid)?;
+        if claims.expires_at <= now_s {
+            return Err(invalid());
+        }
+        Ok(claims)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(expires_at: i64) -> DeviceClaims {
+        DeviceClaims {
+            device_id: "dev".into(),
+            tenant_id: "ten".into(),
+            expires_at,
+        }
+    }
+
+    #[test]
+    fn issued_tokens_verify_until_they_expire() {
+        let key = DeviceTokenKey::new(b"k1");
+        let token = key.issue(&claims(100));
+        assert_eq!(key.verify(&token, 99).unwrap(), claims(100));
+        assert_eq!(key.verify(&token, 100).unwrap_err().code(), "invalid_device_token");
+    }
+
+    #[test]
+    fn forged_or_foreign_tokens_are_refused() {
+        let key = DeviceTokenKey::new(b"k1");
+        let other = DeviceTokenKey::new(b"k2").issue(&claims(100));
+        assert!(key.verify(&other, 0).is_err());
+        let token = key.issue(&claims(100));
+        let (head, sig) = token.rsplit_once('.').unwrap();
+        let forged_payload = B64.encode(serde_json::to_vec(&claims(1_000_000)).unwrap());
+        assert!(key.verify(&format!("v1.{forged_payload}.{sig}"), 0).is_err());
+        assert!(key.verify(&format!("{head}.AAAA"), 0).is_err());
+        assert!(key.verify("garbage", 0).is_err());
+    }
+}

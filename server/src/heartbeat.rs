@@ -1,0 +1,226 @@
+//! The heartbeat path: handlers hand each beat to a writer task that commits many beats in one
+//! transaction, so the cost of a durable commit (an fsync on SQLite) is shared by everything that
+//! arrived while the previous commit was running. Nothing waits on a timer: under light load a
+//! batch is one beat, under heavy load it grows by itself.
+//!
+//! When the queue is full the handler answers `503 overloaded` with `Retry-After` at once instead
+//! of queueing without bound; agents back off and come back.
+
+use crate::db::{now_ms, with_pool, Db};
+use crate::error::ApiError;
+use kernex_protocol::wire::{CommandAck, CommandOutcome, DeviceCommand, MAX_COMMAND_OUTPUT};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot, Mutex};
+
+/// One accepted heartbeat on its way to the database.
+#[derive(Debug)]
+pub struct Beat {
+    pub device_id: String,
+    pub agent_version: String,
+    pub interval_s: u32,
+    /// Telemetry already serialized by the handler, off the writer's critical path.
+    pub telemetry_json: String,
+    pub acks: Vec<CommandAck>,
+}
+
+/// What the database said about a beat.
+#[derive(Debug, PartialEq)]
+pub enum BeatOutcome {
+    /// Stored; these commands are open for the device.
+    Accepted { commands: Vec<DeviceCommand> },
+    Deregistered,
+    UnknownDevice,
+}
+
+type Reply = oneshot::Sender<Result<BeatOutcome, ApiError>>;
+
+/// Handle to the writer tasks; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct HeartbeatWriter {
+    queue: mpsc::Sender<(Beat, Reply)>,
+}
+
+/// Tuning of the writer.
+#[derive(Debug, Clone, Copy)]
+pub struct WriterConfig {
+    /// Beats waiting beyond this many are refused with 503.
+    pub queue_depth: usize,
+    /// Most beats committed in one transaction.
+    pub max_batch: usize,
+}
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        WriterConfig {
+            queue_depth: 16_384,
+            max_batch: 1_024,
+        }
+    }
+}
+
+impl HeartbeatWriter {
+    /// Starts the writer tasks: one for SQLite (it has one writer anyway), several for PostgreSQL.
+    pub fn start(db: Db, config: WriterConfig) -> HeartbeatWriter {
+        let (queue, receiver) = mpsc::channel(config.queue_depth);
+        let receiver = Arc::new(Mutex::new(receiver));
+        let writers = match db {
+            Db::Sqlite(_) => 1,
+            Db::Postgres(_) => 4,
+        };
+        for _ in 0..writers {
+            tokio::spawn(run_writer(db.clone(), receiver.clone(), config.max_batch));
+        }
+        HeartbeatWriter { queue }
+    }
+
+    /// Queues a beat and waits until it is committed.
+    pub async fn submit(&self, beat: Beat) -> Result<BeatOutcome, ApiError> {
+        let (reply, outcome) = oneshot::channel();
+        self.queue.try_send((beat, reply)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => ApiError::Overloaded { retry_after_s: 2 },
+            mpsc::error::TrySendError::Closed(_) => {
+                ApiError::Internal(anyhow::anyhow!("heartbeat writer has stopped"))
+            }
+        })?;
+        outcome
+            .await
+            .map_err(|_| ApiError::Internal(anyhow::anyhow!("heartbeat writer dropped a beat")))?
+    }
+}
+
+async fn run_writer(db: Db, receiver: Arc<Mutex<mpsc::Receiver<(Beat, Reply)>>>, max_batch: usize) {
+    let mut batch = Vec::with_capacity(max_batch);
+    loop {
+        {
+            let mut receiver = receiver.lock().await;
+            if receiver.recv_many(&mut batch, max_batch).await == 0 {
+                return; // every sender is gone: the server is shutting down
+            }
+        }
+        // A consistent lock order across concurrent PostgreSQL writers: no deadlocks.
+        batch.sort_by(|a, b| a.0.device_id.cmp(&b.0.device_id));
+        let now = now_ms();
+        match write_batch(&db, &batch, now).await {
+            Ok(outcomes) => {
+                for ((_, reply), outcome) in batch.drain(..).zip(outcomes) {
+                    let _ = reply.send(Ok(outcome));
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, beats = batch.len(), "committing heartbeats failed");
+                for (_, reply) in batch.drain(..) {
+                    let _ = reply.send(Err(ApiError::DatabaseUnavailable { retry_after_s: 5 }));
+                }
+            }
+        }
+    }
+}
+
+/// Commits every beat of `batch` in one transaction and returns one outcome per beat, in order.
+async fn write_batch(db: &Db, batch: &[(Beat, Reply)], now: i64) -> Result<Vec<BeatOutcome>, sqlx::Error> {
+    with_pool!(db, pool => {
+        let mut tx = pool.begin().await?;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for (beat, _) in batch {
+            // The write comes first so SQLite takes its write lock at once (no read-then-upgrade).
+            let stored = sqlx::query(
+                "UPDATE devices SET last_heartbeat = $1, interval_s = $2, agent_version = $3, telemetry = $4
+                 WHERE id = $5 AND deregistered_at IS NULL")
+                .bind(now)
+                .bind(i64::from(beat.interval_s))
+                .bind(&beat.agent_version)
+                .bind(&beat.telemetry_json)
+                .bind(&beat.device_id)
+                .execute(&mut *tx)
+                .await?;
+            if stored.rows_affected() == 0 {
+                let exists: Option<String> = sqlx::query_scalar("SELECT id FROM devices WHERE id = $1")
+                    .bind(&beat.device_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                outcomes.push(if exists.is_some() { BeatOutcome::Deregistered } else { BeatOutcome::UnknownDevice });
+                continue;
+            }
+            let mut deregistered = false;
+            for ack in &beat.acks {
+                let state = match ack.outcome {
+                    CommandOutcome::Succeeded => "succeeded",
+                    CommandOutcome::Failed => "failed",
+                };
+                let kind: Option<String> = sqlx::query_scalar(
+                    "UPDATE commands SET state = $1, output = $2, completed_at = $3
+                     WHERE id = $4 AND device_id = $5 AND state IN ('queued', 'delivered') RETURNING kind")
+                    .bind(state)
+                    .bind(truncate(&ack.output, MAX_COMMAND_OUTPUT))
+                    .bind(now)
+                    .bind(&ack.id)
+                    .bind(&beat.device_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if kind.as_deref() == Some("deregister") && ack.outcome == CommandOutcome::Succeeded {
+                    sqlx::query("UPDATE devices SET deregistered_at = $1 WHERE id = $2 AND deregistered_at IS NULL")
+                        .bind(now)
+                        .bind(&beat.device_id)
+                        .execute(&mut *tx)
+                        .await?;
+                    deregistered = true;
+                }
+            }
+            if deregistered {
+                outcomes.push(BeatOutcome::Deregistered);
+                continue;
+            }
+            let open: Vec<(String, String, String)> = sqlx::query_as(
+                "SELECT id, kind, args FROM commands WHERE device_id = $1 AND state IN ('queued', 'delivered')
+                 ORDER BY created_at, id")
+                .bind(&beat.device_id)
+                .fetch_all(&mut *tx)
+                .await?;
+            // Mark exactly what is sent: a command queued meanwhile stays `queued` for the next beat.
+            for (id, _, _) in &open {
+                sqlx::query(
+                    "UPDATE commands SET state = 'delivered', delivered_at = COALESCE(delivered_at, $1),
+                     deliveries = deliveries + 1 WHERE id = $2")
+                    .bind(now)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let commands = open
+                .into_iter()
+                .map(|(id, kind, args)| DeviceCommand {
+                    id,
+                    kind,
+                    args: serde_json::from_str(&args).unwrap_or(serde_json::Value::Null),
+                })
+                .collect();
+            outcomes.push(BeatOutcome::Accepted { commands });
+        }
+        tx.commit().await?;
+        Ok(outcomes)
+    })
+}
+
+/// At most `max` bytes of `s`, cut at a character boundary.
+pub fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::truncate;
+
+    #[test]
+    fn truncate_respects_char_boundaries() {
+        assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(truncate("héllo", 3), "hé");
+        assert_eq!(truncate("abc", 10), "abc");
+    }
+}

@@ -1,0 +1,84 @@
+//! Binding the router to a socket: plain HTTP or rustls HTTPS, graceful shutdown on SIGINT/SIGTERM.
+
+use crate::api::{app, ApiSettings, AppState};
+use crate::db::{secrets, Db};
+use crate::device_token::DeviceTokenKey;
+use crate::heartbeat::{HeartbeatWriter, WriterConfig};
+use anyhow::Context as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Name of the device-token HMAC key in `server_secrets`.
+pub const DEVICE_TOKEN_SECRET: &str = "device_token_hmac";
+
+#[derive(Debug)]
+pub struct ServeOptions {
+    pub listen: SocketAddr,
+    /// Certificate chain and private key, both PEM files.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub api: ApiSettings,
+}
+
+pub async fn serve(db: Db, options: ServeOptions) -> anyhow::Result<()> {
+    let secret = secrets::get_or_create(&db, DEVICE_TOKEN_SECRET)
+        .await
+        .context("loading the device-token key")?;
+    let heartbeats = HeartbeatWriter::start(db.clone(), WriterConfig::default());
+    let state = AppState::new(db.clone(), heartbeats, DeviceTokenKey::new(&secret), options.api);
+    let service = app(state).into_make_service_with_connect_info::<SocketAddr>();
+
+    let handle = axum_server::Handle::new();
+    tokio::spawn(shutdown_on_signal(handle.clone()));
+    let scheme = if options.tls.is_some() { "https" } else { "http" };
+    let announce = {
+        let handle = handle.clone();
+        let backend = db.backend();
+        async move {
+            if let Some(addr) = handle.listening().await {
+                // Scripts and tests read this line to learn the port when --listen ends in :0.
+                println!("kernex-server listening on {scheme}://{addr} ({backend})");
+                tracing::info!(%addr, scheme, backend, "listening");
+            }
+        }
+    };
+    tokio::spawn(announce);
+
+    match options.tls {
+        Some((cert, key)) => {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(&cert, &key)
+                .await
+                .with_context(|| format!("loading TLS certificate {} and key {}", cert.display(), key.display()))?;
+            axum_server::bind_rustls(options.listen, config)
+                .handle(handle)
+                .serve(service)
+                .await
+        }
+        None => {
+            if !options.listen.ip().is_loopback() {
+                tracing::warn!(addr = %options.listen, "serving plain HTTP on a non-loopback address: bootstrap tokens and device tokens travel unencrypted; use --tls-cert/--tls-key or a TLS proxy");
+            }
+            axum_server::bind(options.listen).handle(handle).serve(service).await
+        }
+    }
+    .with_context(|| format!("serving on {}", options.listen))?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_on_signal(handle: axum_server::Handle) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            s.recv().await;
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down: finishing requests in flight");
+    handle.graceful_shutdown(Some(Duration::from_secs(10)));
+}
