@@ -17,7 +17,11 @@ const FLOOR: Duration = Duration::from_millis(100);
 
 impl Backoff {
     pub fn new(base: Duration, cap: Duration) -> Backoff {
-        Backoff { base, cap: cap.max(base), failures: 0 }
+        Backoff {
+            base,
+            cap: cap.max(base),
+            failures: 0,
+        }
     }
 
     /// The wait before the next attempt after one more failure.
@@ -25,7 +29,9 @@ impl Backoff {
         let ceiling = self.ceiling();
         self.failures = self.failures.saturating_add(1);
         let jittered = rand::thread_rng().gen_range(Duration::ZERO..=ceiling);
-        jittered.max(FLOOR).max(retry_after.unwrap_or(Duration::ZERO))
+        jittered
+            .max(FLOOR)
+            .max(retry_after.unwrap_or(Duration::ZERO))
     }
 
     /// The largest wait the next failure can give.
@@ -76,7 +82,10 @@ mod tests {
     fn jitter_stays_within_ten_percent() {
         for _ in 0..100 {
             let d = jittered(Duration::from_secs(60));
-            assert!(d >= Duration::from_secs(54) && d <= Duration::from_secs(66), "{d:?}");
+            assert!(
+                d >= Duration::from_secs(54) && d <= Duration::from_secs(66),
+                "{d:?}"
+            );
         }
     }
 }

@@ -7,7 +7,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Debug, Parser)]
-#[command(name = "kernex-agent", version, about = "Kernex appliance agent: enrollment, heartbeats, commands.")]
+#[command(
+    name = "kernex-agent",
+    version,
+    about = "Kernex appliance agent: enrollment, heartbeats, commands."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -43,7 +47,9 @@ pub enum Command {
 /// `500ms`, `30s`, `5m`, `1h`.
 fn humantime_like(s: &str) -> Result<Duration, String> {
     let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = number.parse().map_err(|_| format!("`{s}`: expected a number and a unit (ms, s, m, h)"))?;
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{s}`: expected a number and a unit (ms, s, m, h)"))?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
@@ -56,8 +62,18 @@ fn humantime_like(s: &str) -> Result<Duration, String> {
 /// Runs the parsed command; the exit code for `main`.
 pub fn dispatch(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
-        Command::Run { bootstrap, state_dir, hardware_id, max_backoff } => {
-            let options = RunOptions { bootstrap, state_dir, hardware_id, max_backoff };
+        Command::Run {
+            bootstrap,
+            state_dir,
+            hardware_id,
+            max_backoff,
+        } => {
+            let options = RunOptions {
+                bootstrap,
+                state_dir,
+                hardware_id,
+                max_backoff,
+            };
             match run(&options)? {
                 // Exit 0 so systemd's Restart=on-failure leaves a deregistered appliance stopped.
                 Exit::Deregistered => Ok(0),
@@ -93,14 +109,29 @@ fn status(state_dir: &std::path::Path, json: bool) -> anyhow::Result<u8> {
         "not enrolled"
     };
     println!("state:          {state_word}");
-    println!("device id:      {}", state.device_id.as_deref().unwrap_or("-"));
+    println!(
+        "device id:      {}",
+        state.device_id.as_deref().unwrap_or("-")
+    );
     println!("tenant:         {}", state.tenant.as_deref().unwrap_or("-"));
-    println!("server:         {}", state.server_url.as_deref().unwrap_or("-"));
+    println!(
+        "server:         {}",
+        state.server_url.as_deref().unwrap_or("-")
+    );
     println!("key:            {}", key.as_deref().unwrap_or("none"));
     println!("enrolled at:    {}", when(state.enrolled_at));
     println!("last heartbeat: {}", when(state.last_heartbeat_at));
-    println!("interval:       {}", state.interval_override_s.or(state.interval_s).map_or("-".to_owned(), |s| format!("{s}s")));
+    println!(
+        "interval:       {}",
+        state
+            .interval_override_s
+            .or(state.interval_s)
+            .map_or("-".to_owned(), |s| format!("{s}s"))
+    );
     println!("pending acks:   {}", state.pending_acks.len());
-    println!("last error:     {}", state.last_error.as_deref().unwrap_or("-"));
+    println!(
+        "last error:     {}",
+        state.last_error.as_deref().unwrap_or("-")
+    );
     Ok(0)
 }

@@ -80,14 +80,26 @@ impl Client {
     }
 
     /// POSTs `body` signed with the device key (enrollment, authentication).
-    pub fn post_signed<Q: Serialize, R: DeserializeOwned>(&self, path: &str, body: &Q, key: &DeviceKey) -> Result<R, ClientError> {
+    pub fn post_signed<Q: Serialize, R: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &Q,
+        key: &DeviceKey,
+    ) -> Result<R, ClientError> {
         let bytes = serde_json::to_vec(body).expect("request bodies serialize");
         let signature = key.sign(&bytes);
-        self.post(path, &bytes, |req| req.set(kernex_protocol::SIGNATURE_HEADER, &signature))
+        self.post(path, &bytes, |req| {
+            req.set(kernex_protocol::SIGNATURE_HEADER, &signature)
+        })
     }
 
     /// POSTs `body` with a device bearer token (heartbeats).
-    pub fn post_bearer<Q: Serialize, R: DeserializeOwned>(&self, path: &str, body: &Q, token: &str) -> Result<R, ClientError> {
+    pub fn post_bearer<Q: Serialize, R: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &Q,
+        token: &str,
+    ) -> Result<R, ClientError> {
         let bytes = serde_json::to_vec(body).expect("request bodies serialize");
         let auth = format!("Bearer {token}");
         self.post(path, &bytes, |req| req.set("authorization", &auth))
@@ -100,14 +112,22 @@ impl Client {
         decorate: impl FnOnce(ureq::Request) -> ureq::Request,
     ) -> Result<R, ClientError> {
         let url = format!("{}{}{path}", self.base, kernex_protocol::API_PREFIX);
-        let request = decorate(self.agent.post(&url).set("content-type", "application/json"));
+        let request = decorate(
+            self.agent
+                .post(&url)
+                .set("content-type", "application/json"),
+        );
         match request.send_bytes(bytes) {
             Ok(response) => {
                 self.learn_clock(&response);
-                let text = response
-                    .into_string()
-                    .map_err(|e| ClientError::Decode { url: url.clone(), message: e.to_string() })?;
-                serde_json::from_str(&text).map_err(|e| ClientError::Decode { url, message: e.to_string() })
+                let text = response.into_string().map_err(|e| ClientError::Decode {
+                    url: url.clone(),
+                    message: e.to_string(),
+                })?;
+                serde_json::from_str(&text).map_err(|e| ClientError::Decode {
+                    url,
+                    message: e.to_string(),
+                })
             }
             Err(ureq::Error::Status(status, response)) => {
                 self.learn_clock(&response);
@@ -120,25 +140,44 @@ impl Client {
                     Ok(body) => (body.error.code, body.error.message),
                     Err(_) => ("http_error".to_owned(), text.chars().take(200).collect()),
                 };
-                Err(ClientError::Status { url, status, code, message, retry_after })
+                Err(ClientError::Status {
+                    url,
+                    status,
+                    code,
+                    message,
+                    retry_after,
+                })
             }
-            Err(ureq::Error::Transport(t)) => Err(ClientError::Transport { url, message: t.to_string() }),
+            Err(ureq::Error::Transport(t)) => Err(ClientError::Transport {
+                url,
+                message: t.to_string(),
+            }),
         }
     }
 
     fn learn_clock(&self, response: &ureq::Response) {
-        let Some(server) = response.header("date").and_then(|d| httpdate::parse_http_date(d).ok()) else {
+        let Some(server) = response
+            .header("date")
+            .and_then(|d| httpdate::parse_http_date(d).ok())
+        else {
             return;
         };
-        let server_s = server.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+        let server_s = server
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
         let offset = server_s - unix_now();
         // Date has one-second resolution: ignore differences that are only rounding.
-        self.clock_offset_s.set(if offset.abs() > 2 { offset } else { 0 });
+        self.clock_offset_s
+            .set(if offset.abs() > 2 { offset } else { 0 });
     }
 }
 
 pub fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -147,21 +186,35 @@ fn provider() -> Arc<CryptoProvider> {
 
 /// The TLS settings the bootstrap config asks for; `None` means the built-in web PKI roots.
 fn tls_config(config: &BootstrapConfig) -> anyhow::Result<Option<rustls::ClientConfig>> {
-    let builder = rustls::ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?;
     if let Some(pem) = &config.ca_cert {
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-            let cert = cert.map_err(|e| anyhow::anyhow!("bootstrap ca_cert: not a PEM certificate: {e:?}"))?;
-            roots.add(cert).map_err(|e| anyhow::anyhow!("bootstrap ca_cert: unusable certificate: {e}"))?;
+            let cert = cert
+                .map_err(|e| anyhow::anyhow!("bootstrap ca_cert: not a PEM certificate: {e:?}"))?;
+            roots
+                .add(cert)
+                .map_err(|e| anyhow::anyhow!("bootstrap ca_cert: unusable certificate: {e}"))?;
         }
         if roots.is_empty() {
             anyhow::bail!("bootstrap ca_cert: no certificate found");
         }
-        return Ok(Some(builder.with_root_certificates(roots).with_no_client_auth()));
+        return Ok(Some(
+            builder.with_root_certificates(roots).with_no_client_auth(),
+        ));
     }
     if let Some(pin) = &config.ca_sha256 {
-        let verifier = PinnedCertificate { sha256_hex: pin.to_ascii_lowercase(), provider: provider() };
-        return Ok(Some(builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier)).with_no_client_auth()));
+        let verifier = PinnedCertificate {
+            sha256_hex: pin.to_ascii_lowercase(),
+            provider: provider(),
+        };
+        return Ok(Some(
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(verifier))
+                .with_no_client_auth(),
+        ));
     }
     Ok(None)
 }
@@ -187,7 +240,9 @@ impl ServerCertVerifier for PinnedCertificate {
         if seen == self.sha256_hex {
             Ok(ServerCertVerified::assertion())
         } else {
-            Err(rustls::Error::General(format!("server certificate sha256 {seen} does not match the pinned ca_sha256")))
+            Err(rustls::Error::General(format!(
+                "server certificate sha256 {seen} does not match the pinned ca_sha256"
+            )))
         }
     }
 
@@ -197,7 +252,12 @@ impl ServerCertVerifier for PinnedCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -206,10 +266,17 @@ impl ServerCertVerifier for PinnedCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }

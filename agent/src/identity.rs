@@ -11,13 +11,21 @@ use std::path::Path;
 pub fn load_or_generate_key(state: &StateDir) -> anyhow::Result<DeviceKey> {
     let path = state.key_file();
     match std::fs::read_to_string(&path) {
-        Ok(pem) => DeviceKey::from_pkcs8_pem(&pem).with_context(|| format!("loading device key {}", path.display())),
+        Ok(pem) => DeviceKey::from_pkcs8_pem(&pem)
+            .with_context(|| format!("loading device key {}", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            crate::info!("generating RSA-{} device key (once; this can take a while)", kernex_protocol::DEVICE_KEY_BITS);
+            crate::info!(
+                "generating RSA-{} device key (once; this can take a while)",
+                kernex_protocol::DEVICE_KEY_BITS
+            );
             let started = std::time::Instant::now();
             let key = DeviceKey::generate()?;
             write_atomic(&path, key.to_pkcs8_pem()?.as_bytes(), 0o600)?;
-            crate::info!("device key {} generated in {:.1?}", key.public().fingerprint(), started.elapsed());
+            crate::info!(
+                "device key {} generated in {:.1?}",
+                key.public().fingerprint(),
+                started.elapsed()
+            );
             Ok(key)
         }
         Err(e) => Err(e).with_context(|| format!("reading device key {}", path.display())),
@@ -44,16 +52,21 @@ pub fn detect_hardware_id() -> anyhow::Result<String> {
 }
 
 fn read_trimmed(path: &str) -> Option<String> {
-    std::fs::read_to_string(Path::new(path)).ok().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty())
+    std::fs::read_to_string(Path::new(path))
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
 }
 
 /// What the agent tells the server about the appliance at enrollment.
 pub fn facts() -> Facts {
-    let os = std::fs::read_to_string("/etc/os-release").ok().and_then(|text| {
-        text.lines()
-            .find_map(|l| l.strip_prefix("PRETTY_NAME="))
-            .map(|v| v.trim_matches('"').to_owned())
-    });
+    let os = std::fs::read_to_string("/etc/os-release")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+                .map(|v| v.trim_matches('"').to_owned())
+        });
     Facts {
         hostname: read_trimmed("/proc/sys/kernel/hostname"),
         os,

@@ -25,7 +25,10 @@ pub fn write(level: Level, message: std::fmt::Arguments<'_>) {
     if under_journald() {
         eprintln!("<{priority}>{message}");
     } else {
-        eprintln!("{} {name} {message}", httpdate::fmt_http_date(std::time::SystemTime::now()));
+        eprintln!(
+            "{} {name} {message}",
+            httpdate::fmt_http_date(std::time::SystemTime::now())
+        );
     }
 }
 

@@ -8,8 +8,9 @@ use crate::telemetry::Sampler;
 use crate::{error, identity, info, warn};
 use anyhow::Context as _;
 use kernex_protocol::wire::{
-    codes, AuthRequest, AuthResponse, CommandAck, CommandOutcome, CommandSpec, DeviceCommand, EnrollRequest,
-    EnrollResponse, HeartbeatRequest, HeartbeatResponse, SetIntervalArgs, MAX_COMMAND_OUTPUT,
+    codes, AuthRequest, AuthResponse, CommandAck, CommandOutcome, CommandSpec, DeviceCommand,
+    EnrollRequest, EnrollResponse, HeartbeatRequest, HeartbeatResponse, SetIntervalArgs,
+    MAX_COMMAND_OUTPUT,
 };
 use kernex_protocol::{BootstrapConfig, DeviceKey};
 use rand::RngCore as _;
@@ -48,8 +49,14 @@ pub fn run(options: &RunOptions) -> anyhow::Result<Exit> {
         );
         return Ok(Exit::Deregistered);
     }
-    if state.tenant.as_deref().is_some_and(|t| t != bootstrap.tenant)
-        || state.server_url.as_deref().is_some_and(|u| u != bootstrap.server_url)
+    if state
+        .tenant
+        .as_deref()
+        .is_some_and(|t| t != bootstrap.tenant)
+        || state
+            .server_url
+            .as_deref()
+            .is_some_and(|u| u != bootstrap.server_url)
     {
         warn!("bootstrap config names a different tenant or server than the enrolled identity; enrolling again");
         state.device_id = None;
@@ -60,7 +67,8 @@ pub fn run(options: &RunOptions) -> anyhow::Result<Exit> {
         None => identity::detect_hardware_id()?,
     };
     let mut agent = Agent {
-        client: Client::new(&bootstrap).with_context(|| format!("configuring TLS from {}", options.bootstrap.display()))?,
+        client: Client::new(&bootstrap)
+            .with_context(|| format!("configuring TLS from {}", options.bootstrap.display()))?,
         bootstrap,
         bootstrap_path: options.bootstrap.clone(),
         key,
@@ -70,7 +78,12 @@ pub fn run(options: &RunOptions) -> anyhow::Result<Exit> {
         sampler: Sampler::new(options.state_dir.clone()),
         session: None,
     };
-    info!("kernex-agent {} starting for tenant {} at {}", crate::VERSION, agent.bootstrap.tenant, agent.bootstrap.server_url);
+    info!(
+        "kernex-agent {} starting for tenant {} at {}",
+        crate::VERSION,
+        agent.bootstrap.tenant,
+        agent.bootstrap.server_url
+    );
     let mut backoff = Backoff::new(Duration::from_secs(1), options.max_backoff);
     loop {
         match agent.step() {
@@ -99,7 +112,10 @@ enum Failure {
     Deregistered,
     /// Worth retrying after a backoff: network, server errors, refused tokens (the bootstrap file
     /// may be fixed meanwhile).
-    Retry { error: anyhow::Error, retry_after: Option<Duration> },
+    Retry {
+        error: anyhow::Error,
+        retry_after: Option<Duration>,
+    },
     /// Local trouble (state cannot be written): systemd restarts us.
     Fatal(anyhow::Error),
 }
@@ -110,7 +126,10 @@ impl From<ClientError> for Failure {
             return Failure::Deregistered;
         }
         let retry_after = e.retry_after();
-        Failure::Retry { error: e.into(), retry_after }
+        Failure::Retry {
+            error: e.into(),
+            retry_after,
+        }
     }
 }
 
@@ -163,14 +182,23 @@ impl Agent {
     fn recover(&mut self, e: ClientError) -> Failure {
         match e.code() {
             Some(codes::UNKNOWN_DEVICE) => {
-                warn!("the server does not know device {:?}; enrolling again", self.state.device_id);
+                warn!(
+                    "the server does not know device {:?}; enrolling again",
+                    self.state.device_id
+                );
                 self.state.device_id = None;
                 self.session = None;
-                Failure::Retry { error: e.into(), retry_after: Some(Duration::from_millis(100)) }
+                Failure::Retry {
+                    error: e.into(),
+                    retry_after: Some(Duration::from_millis(100)),
+                }
             }
             Some(codes::INVALID_DEVICE_TOKEN) => {
                 self.session = None;
-                Failure::Retry { error: e.into(), retry_after: None }
+                Failure::Retry {
+                    error: e.into(),
+                    retry_after: None,
+                }
             }
             _ => e.into(),
         }
@@ -194,7 +222,11 @@ impl Agent {
             "enrolled as device {} in tenant {} ({})",
             response.device_id,
             response.tenant,
-            if response.created { "new device" } else { "existing device" }
+            if response.created {
+                "new device"
+            } else {
+                "existing device"
+            }
         );
         self.state.device_id = Some(response.device_id.clone());
         self.state.tenant = Some(self.bootstrap.tenant.clone());
@@ -215,7 +247,10 @@ impl Agent {
         let response: AuthResponse = self.client.post_signed("/auth", &request, &self.key)?;
         // Renew at 80 % of the lifetime so a heartbeat never carries an expired token.
         let lifetime = Duration::from_secs(response.expires_in_s).mul_f64(0.8);
-        self.session = Some(Session { token: response.token.clone(), expires: Instant::now() + lifetime });
+        self.session = Some(Session {
+            token: response.token.clone(),
+            expires: Instant::now() + lifetime,
+        });
         Ok(response.token)
     }
 
@@ -230,7 +265,7 @@ impl Agent {
         let telemetry = self.sampler.sample();
         let request = HeartbeatRequest {
             agent_version: crate::VERSION.to_owned(),
-            interval_s: self.current_interval(),
+            interval_s: self.state.interval_override_s,
             telemetry: telemetry.clone(),
             acks: self.state.pending_acks.clone(),
         };
@@ -246,12 +281,17 @@ impl Agent {
         self.state.last_telemetry = Some(telemetry);
         self.state.last_error = None;
         let ran = self.run_commands(&response.commands);
-        self.save().map_err(|e| ClientError::Decode { url: self.dir.state_file().display().to_string(), message: e.to_string() })?;
+        self.save().map_err(|e| ClientError::Decode {
+            url: self.dir.state_file().display().to_string(),
+            message: e.to_string(),
+        })?;
         if ran > 0 {
             // Report results now rather than one interval later.
             return Ok(Duration::ZERO);
         }
-        Ok(jittered(Duration::from_secs(u64::from(self.current_interval()))))
+        Ok(jittered(Duration::from_secs(u64::from(
+            self.current_interval(),
+        ))))
     }
 
     /// Runs the commands not run before; returns how many ran.
@@ -265,9 +305,16 @@ impl Agent {
                 Ok(spec) => self.execute(&spec),
                 Err(message) => (CommandOutcome::Failed, message),
             };
-            info!("command {} ({}): {:?}: {}", command.id, command.kind, outcome, output);
+            info!(
+                "command {} ({}): {:?}: {}",
+                command.id, command.kind, outcome, output
+            );
             let output = crate::truncate(&output, MAX_COMMAND_OUTPUT).to_owned();
-            self.state.pending_acks.push(CommandAck { id: command.id.clone(), outcome, output });
+            self.state.pending_acks.push(CommandAck {
+                id: command.id.clone(),
+                outcome,
+                output,
+            });
             ran += 1;
         }
         ran
@@ -278,7 +325,10 @@ impl Agent {
             CommandSpec::Ping => (CommandOutcome::Succeeded, format!("pong {}", unix_now())),
             CommandSpec::SetInterval(SetIntervalArgs { seconds }) => {
                 self.state.interval_override_s = Some(*seconds);
-                (CommandOutcome::Succeeded, format!("heartbeat interval set to {seconds}s"))
+                (
+                    CommandOutcome::Succeeded,
+                    format!("heartbeat interval set to {seconds}s"),
+                )
             }
             // The identity is forgotten when the server confirms (it answers the ack with
             // `device_deregistered`), so a lost ack cannot strand a half-deregistered device.

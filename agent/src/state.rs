@@ -75,7 +75,9 @@ pub enum StateError {
         #[source]
         source: std::io::Error,
     },
-    #[error("agent state {path} is corrupt ({source}); move it away to enroll this appliance as new")]
+    #[error(
+        "agent state {path} is corrupt ({source}); move it away to enroll this appliance as new"
+    )]
     Corrupt {
         path: PathBuf,
         #[source]
@@ -104,14 +106,21 @@ impl StateDir {
                 .recursive(true)
                 .mode(0o700)
                 .create(dir)
-                .map_err(|source| StateError::CreateDir { path: dir.to_owned(), source })?;
+                .map_err(|source| StateError::CreateDir {
+                    path: dir.to_owned(),
+                    source,
+                })?;
         }
-        Ok(StateDir { dir: dir.to_owned() })
+        Ok(StateDir {
+            dir: dir.to_owned(),
+        })
     }
 
     /// A read-only view for `status`: does not create anything.
     pub fn existing(dir: &Path) -> StateDir {
-        StateDir { dir: dir.to_owned() }
+        StateDir {
+            dir: dir.to_owned(),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -130,7 +139,8 @@ impl StateDir {
     pub fn load(&self) -> Result<AgentState, StateError> {
         let path = self.state_file();
         match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt { path, source }),
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|source| StateError::Corrupt { path, source }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(AgentState::default()),
             Err(source) => Err(StateError::Read { path, source }),
         }
@@ -145,7 +155,10 @@ impl StateDir {
 /// Replaces `path` with `contents` so that readers and crashes see the old or the new file only.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), StateError> {
     use std::os::unix::fs::OpenOptionsExt as _;
-    let err = |source| StateError::Write { path: path.to_owned(), source };
+    let err = |source| StateError::Write {
+        path: path.to_owned(),
+        source,
+    };
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
@@ -179,12 +192,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = StateDir::open(&dir.path().join("sub")).unwrap();
         assert_eq!(store.load().unwrap(), AgentState::default());
-        let mut state = AgentState { device_id: Some("d1".into()), ..AgentState::default() };
+        let mut state = AgentState {
+            device_id: Some("d1".into()),
+            ..AgentState::default()
+        };
         state.remember_done("c1");
         store.save(&state).unwrap();
         assert_eq!(store.load().unwrap(), state);
         let mode = std::fs::metadata(store.state_file()).unwrap();
-        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777, 0o600);
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+            0o600
+        );
         // No temp files left behind.
         assert_eq!(std::fs::read_dir(store.path()).unwrap().count(), 1);
     }
@@ -195,8 +214,17 @@ mod tests {
         let store = StateDir::open(dir.path()).unwrap();
         std::fs::write(store.state_file(), b"{\"device_id\": 12").unwrap();
         let err = store.load().unwrap_err().to_string();
-        assert!(err.starts_with(&format!("agent state {} is corrupt", store.state_file().display())), "{err}");
-        assert!(err.ends_with("move it away to enroll this appliance as new"), "{err}");
+        assert!(
+            err.starts_with(&format!(
+                "agent state {} is corrupt",
+                store.state_file().display()
+            )),
+            "{err}"
+        );
+        assert!(
+            err.ends_with("move it away to enroll this appliance as new"),
+            "{err}"
+        );
     }
 
     #[test]

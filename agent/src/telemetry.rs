@@ -19,7 +19,10 @@ struct CpuTimes {
 impl Sampler {
     /// `disk_path`: a path on the file system whose size and free space are reported.
     pub fn new(disk_path: PathBuf) -> Sampler {
-        let mut sampler = Sampler { disk_path, previous_cpu: None };
+        let mut sampler = Sampler {
+            disk_path,
+            previous_cpu: None,
+        };
         sampler.previous_cpu = read("/proc/stat").and_then(|s| parse_cpu(&s));
         sampler
     }
@@ -40,7 +43,9 @@ impl Sampler {
         if let Some((l1, l5, l15)) = read("/proc/loadavg").and_then(|s| parse_loadavg(&s)) {
             (t.load1, t.load5, t.load15) = (l1, l5, l15);
         }
-        if let Some(up) = read("/proc/uptime").and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok()) {
+        if let Some(up) =
+            read("/proc/uptime").and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        {
             t.uptime_s = up as u64;
         }
         if let Ok(fs) = rustix::fs::statvfs(&self.disk_path) {
@@ -58,14 +63,21 @@ fn read(path: &str) -> Option<String> {
 /// The aggregate `cpu` line of `/proc/stat`: idle = idle + iowait, busy = the rest.
 fn parse_cpu(stat: &str) -> Option<CpuTimes> {
     let line = stat.lines().find(|l| l.starts_with("cpu "))?;
-    let fields: Vec<u64> = line.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
     if fields.len() < 4 {
         return None;
     }
     // guest and guest_nice (fields 9, 10) are already counted in user and nice.
     let total: u64 = fields.iter().take(8).sum();
     let idle = fields[3] + fields.get(4).copied().unwrap_or(0);
-    Some(CpuTimes { busy: total - idle, total })
+    Some(CpuTimes {
+        busy: total - idle,
+        total,
+    })
 }
 
 fn cpu_percent(before: CpuTimes, now: CpuTimes) -> f64 {
@@ -96,14 +108,35 @@ mod tests {
     #[test]
     fn parses_proc_formats() {
         let stat = "cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3 4\n";
-        assert_eq!(parse_cpu(stat), Some(CpuTimes { busy: 150, total: 1000 }));
-        let later = CpuTimes { busy: 250, total: 1200 };
-        assert_eq!(cpu_percent(CpuTimes { busy: 150, total: 1000 }, later), 50.0);
+        assert_eq!(
+            parse_cpu(stat),
+            Some(CpuTimes {
+                busy: 150,
+                total: 1000
+            })
+        );
+        let later = CpuTimes {
+            busy: 250,
+            total: 1200,
+        };
+        assert_eq!(
+            cpu_percent(
+                CpuTimes {
+                    busy: 150,
+                    total: 1000
+                },
+                later
+            ),
+            50.0
+        );
         assert_eq!(cpu_percent(later, later), 0.0);
         let meminfo = "MemTotal:       16318076 kB\nMemFree:  1 kB\nMemAvailable:   8000000 kB\n";
         assert_eq!(meminfo_kib(meminfo, "MemTotal:"), 16318076);
         assert_eq!(meminfo_kib(meminfo, "MemAvailable:"), 8000000);
-        assert_eq!(parse_loadavg("0.52 0.58 0.59 1/467 12345\n"), Some((0.52, 0.58, 0.59)));
+        assert_eq!(
+            parse_loadavg("0.52 0.58 0.59 1/467 12345\n"),
+            Some((0.52, 0.58, 0.59))
+        );
         assert_eq!(parse_loadavg("garbage"), None);
     }
 

@@ -74,11 +74,13 @@ impl BootstrapConfig {
             // the first line, which names the key and position.
             message: e.message().to_owned(),
         })?;
-        config.validate().map_err(|(key, problem)| BootstrapError::Invalid {
-            path: path.to_owned(),
-            key,
-            problem,
-        })?;
+        config
+            .validate()
+            .map_err(|(key, problem)| BootstrapError::Invalid {
+                path: path.to_owned(),
+                key,
+                problem,
+            })?;
         Ok(config)
     }
 
@@ -95,20 +97,32 @@ impl BootstrapConfig {
         }
         match (&self.ca_cert, &self.ca_sha256) {
             (Some(_), Some(_)) => {
-                return bad("ca_sha256", "set either ca_cert or ca_sha256, not both".into())
+                return bad(
+                    "ca_sha256",
+                    "set either ca_cert or ca_sha256, not both".into(),
+                )
             }
             (Some(pem), None) if !pem.contains("-----BEGIN CERTIFICATE-----") => {
-                return bad("ca_cert", "expected a PEM certificate (-----BEGIN CERTIFICATE-----)".into())
+                return bad(
+                    "ca_cert",
+                    "expected a PEM certificate (-----BEGIN CERTIFICATE-----)".into(),
+                )
             }
-            (None, Some(pin))
-                if pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()) =>
-            {
-                return bad("ca_sha256", "expected 64 hex digits (SHA-256 of the certificate DER)".into())
+            (None, Some(pin)) if pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                return bad(
+                    "ca_sha256",
+                    "expected 64 hex digits (SHA-256 of the certificate DER)".into(),
+                )
             }
             _ => {}
         }
-        if self.server_url.starts_with("http://") && (self.ca_cert.is_some() || self.ca_sha256.is_some()) {
-            return bad("server_url", "a CA is configured but the URL is plain http://".into());
+        if self.server_url.starts_with("http://")
+            && (self.ca_cert.is_some() || self.ca_sha256.is_some())
+        {
+            return bad(
+                "server_url",
+                "a CA is configured but the URL is plain http://".into(),
+            );
         }
         let mut seen = std::collections::HashSet::new();
         for (i, vm) in self.vm.iter().enumerate() {
@@ -116,13 +130,19 @@ impl BootstrapConfig {
                 return bad(&format!("vm[{i}].name"), problem);
             }
             if !seen.insert(vm.name.as_str()) {
-                return bad(&format!("vm[{i}].name"), format!("duplicate VM name `{}`", vm.name));
+                return bad(
+                    &format!("vm[{i}].name"),
+                    format!("duplicate VM name `{}`", vm.name),
+                );
             }
             if let Err(problem) = check_vm_address(&vm.address) {
                 return bad(&format!("vm[{i}].address"), problem);
             }
             if vm.secret.len() < 16 {
-                return bad(&format!("vm[{i}].secret"), "must be at least 16 characters".into());
+                return bad(
+                    &format!("vm[{i}].secret"),
+                    "must be at least 16 characters".into(),
+                );
             }
         }
         Ok(())
@@ -134,7 +154,9 @@ impl BootstrapConfig {
 pub fn check_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-');
     if ok {
         Ok(())
@@ -175,13 +197,17 @@ fn check_vm_address(address: &str) -> Result<(), String> {
         .rsplit_once(':')
         .ok_or_else(|| format!("`{address}` has no port"))?;
     if port.parse::<u16>().is_err() || host.is_empty() {
-        return Err(format!("`{address}` must be tcp://HOST:PORT or vsock://CID:PORT"));
+        return Err(format!(
+            "`{address}` must be tcp://HOST:PORT or vsock://CID:PORT"
+        ));
     }
     match scheme {
         "tcp" => Ok(()),
         "vsock" if host.parse::<u32>().is_ok() => Ok(()),
         "vsock" => Err(format!("`{address}`: a vsock CID is a number")),
-        other => Err(format!("`{address}`: unknown scheme `{other}` (tcp or vsock)")),
+        other => Err(format!(
+            "`{address}`: unknown scheme `{other}` (tcp or vsock)"
+        )),
     }
 }
 
@@ -225,9 +251,11 @@ secret  = "0123456789abcdef0123"
     #[test]
     fn errors_name_the_file_and_key_and_never_the_token() {
         let t = token();
-        let err = parse(&format!("server_url = \"ftp://x\"\ntenant = \"acme\"\ntoken = \"{t}\"\n"))
-            .unwrap_err()
-            .to_string();
+        let err = parse(&format!(
+            "server_url = \"ftp://x\"\ntenant = \"acme\"\ntoken = \"{t}\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
         assert_eq!(
             err,
             "bootstrap config /etc/kernex/bootstrap.toml: key `server_url`: `ftp://x` must start with https:// or http://"
@@ -250,26 +278,55 @@ secret  = "0123456789abcdef0123"
 
     #[test]
     fn vm_entries_are_checked() {
-        let base = format!("server_url = \"http://127.0.0.1:8080\"\ntenant = \"acme\"\ntoken = \"{}\"\n", token());
+        let base = format!(
+            "server_url = \"http://127.0.0.1:8080\"\ntenant = \"acme\"\ntoken = \"{}\"\n",
+            token()
+        );
         let vm = |name: &str, addr: &str| {
-            format!("[[vm]]\nname = \"{name}\"\naddress = \"{addr}\"\nsecret = \"0123456789abcdef\"\n")
+            format!(
+                "[[vm]]\nname = \"{name}\"\naddress = \"{addr}\"\nsecret = \"0123456789abcdef\"\n"
+            )
         };
-        let err = parse(&format!("{base}{}{}", vm("a", "tcp://h:1"), vm("a", "tcp://h:2")))
+        let err = parse(&format!(
+            "{base}{}{}",
+            vm("a", "tcp://h:1"),
+            vm("a", "tcp://h:2")
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.ends_with("key `vm[1].name`: duplicate VM name `a`"),
+            "{err}"
+        );
+        let err = parse(&format!("{base}{}", vm("a", "udp://h:1")))
             .unwrap_err()
             .to_string();
-        assert!(err.ends_with("key `vm[1].name`: duplicate VM name `a`"), "{err}");
-        let err = parse(&format!("{base}{}", vm("a", "udp://h:1"))).unwrap_err().to_string();
-        assert!(err.ends_with("unknown scheme `udp` (tcp or vsock)"), "{err}");
-        let err = parse(&format!("{base}{}", vm("a", "vsock://x:1"))).unwrap_err().to_string();
+        assert!(
+            err.ends_with("unknown scheme `udp` (tcp or vsock)"),
+            "{err}"
+        );
+        let err = parse(&format!("{base}{}", vm("a", "vsock://x:1")))
+            .unwrap_err()
+            .to_string();
         assert!(err.ends_with("a vsock CID is a number"), "{err}");
     }
 
     #[test]
     fn server_urls() {
-        for ok in ["https://cp.example.net:8443", "http://127.0.0.1:8080", "https://h/base", "https://[::1]:8443"] {
+        for ok in [
+            "https://cp.example.net:8443",
+            "http://127.0.0.1:8080",
+            "https://h/base",
+            "https://[::1]:8443",
+        ] {
             assert_eq!(check_server_url(ok), Ok(()), "{ok}");
         }
-        for bad in ["cp.example.net", "https://", "https://h:99999", "https://h?x=1"] {
+        for bad in [
+            "cp.example.net",
+            "https://",
+            "https://h:99999",
+            "https://h?x=1",
+        ] {
             assert!(check_server_url(bad).is_err(), "{bad}");
         }
     }

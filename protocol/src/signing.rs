@@ -6,7 +6,9 @@
 
 use base64::Engine as _;
 use rsa::pkcs1v15::{Signature, SigningKey, VerifyingKey};
-use rsa::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, LineEnding};
+use rsa::pkcs8::{
+    DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, LineEnding,
+};
 use rsa::signature::{SignatureEncoding, Signer, Verifier};
 use rsa::traits::PublicKeyParts;
 use rsa::{RsaPrivateKey, RsaPublicKey};
@@ -99,7 +101,8 @@ pub struct DevicePublicKey {
 impl DevicePublicKey {
     /// Parses a PEM public key and insists on RSA-4096.
     pub fn from_pem(pem: &str) -> Result<DevicePublicKey, SigningError> {
-        let key = RsaPublicKey::from_public_key_pem(pem.trim()).map_err(SigningError::PublicKeyPem)?;
+        let key =
+            RsaPublicKey::from_public_key_pem(pem.trim()).map_err(SigningError::PublicKeyPem)?;
         let bits = key.n().bits();
         if bits != DEVICE_KEY_BITS {
             return Err(SigningError::WrongKeySize { bits });
@@ -119,7 +122,10 @@ impl DevicePublicKey {
             .key
             .to_public_key_der()
             .expect("encoding an in-memory RSA public key cannot fail");
-        format!("sha256:{}", crate::token::hex(&Sha256::digest(der.as_bytes())))
+        format!(
+            "sha256:{}",
+            crate::token::hex(&Sha256::digest(der.as_bytes()))
+        )
     }
 
     /// Checks a base64 signature header against `body`.
@@ -127,7 +133,8 @@ impl DevicePublicKey {
         let raw = base64::engine::general_purpose::STANDARD
             .decode(signature_b64.trim())
             .map_err(|_| SigningError::SignatureEncoding)?;
-        let signature = Signature::try_from(raw.as_slice()).map_err(|_| SigningError::BadSignature)?;
+        let signature =
+            Signature::try_from(raw.as_slice()).map_err(|_| SigningError::BadSignature)?;
         VerifyingKey::<Sha256>::new(self.key.clone())
             .verify(body, &signature)
             .map_err(|_| SigningError::BadSignature)
@@ -151,8 +158,14 @@ mod tests {
         let public = DevicePublicKey::from_pem(&key.public().to_pem()).unwrap();
         let sig = key.sign(b"{\"a\":1}");
         public.verify(b"{\"a\":1}", &sig).unwrap();
-        assert!(matches!(public.verify(b"{\"a\":2}", &sig), Err(SigningError::BadSignature)));
-        assert!(matches!(public.verify(b"{\"a\":1}", "!!"), Err(SigningError::SignatureEncoding)));
+        assert!(matches!(
+            public.verify(b"{\"a\":2}", &sig),
+            Err(SigningError::BadSignature)
+        ));
+        assert!(matches!(
+            public.verify(b"{\"a\":1}", "!!"),
+            Err(SigningError::SignatureEncoding)
+        ));
         assert_eq!(public.fingerprint(), key.public().fingerprint());
         assert!(public.fingerprint().starts_with("sha256:"));
     }
@@ -160,9 +173,15 @@ mod tests {
     #[test]
     fn small_keys_are_refused() {
         let small = RsaPrivateKey::new(&mut rand::rngs::OsRng, 1024).unwrap();
-        let pem = small.to_public_key().to_public_key_pem(LineEnding::LF).unwrap();
+        let pem = small
+            .to_public_key()
+            .to_public_key_pem(LineEnding::LF)
+            .unwrap();
         let err = DevicePublicKey::from_pem(&pem).unwrap_err();
-        assert_eq!(err.to_string(), "the key has 1024 bits; device keys must be RSA-4096");
+        assert_eq!(
+            err.to_string(),
+            "the key has 1024 bits; device keys must be RSA-4096"
+        );
         assert!(DevicePublicKey::from_pem("not a key").is_err());
     }
 }

@@ -83,7 +83,9 @@ impl SecretToken {
             return Err(malformed);
         };
         let is_hex = |p: &str, len: usize| {
-            p.len() == len && p.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            p.len() == len
+                && p.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         };
         if prefix != kind.prefix() || !is_hex(id, ID_HEX_LEN) || !is_hex(secret, SECRET_HEX_LEN) {
             return Err(malformed);
@@ -168,8 +170,17 @@ mod tests {
             err.to_string(),
             "not a bootstrap token: expected `kxb_<16 hex id>_<64 hex secret>`"
         );
-        for bad in ["", "kxb", "kxb__", "kxb_0123456789abcdef_xyz", "kxb_0123456789ABCDEF_" ] {
-            assert!(SecretToken::parse(TokenKind::Bootstrap, bad).is_err(), "{bad:?}");
+        for bad in [
+            "",
+            "kxb",
+            "kxb__",
+            "kxb_0123456789abcdef_xyz",
+            "kxb_0123456789ABCDEF_",
+        ] {
+            assert!(
+                SecretToken::parse(TokenKind::Bootstrap, bad).is_err(),
+                "{bad:?}"
+            );
         }
         let good = SecretToken::generate(TokenKind::Bootstrap).expose();
         assert!(SecretToken::parse(TokenKind::Bootstrap, &format!("{good}_extra")).is_err());
@@ -180,6 +191,9 @@ mod tests {
         let t = SecretToken::generate(TokenKind::Bootstrap);
         let again = SecretToken::parse(TokenKind::Bootstrap, &t.expose()).unwrap();
         assert_eq!(t.secret_hash(), again.secret_hash());
-        assert_ne!(t.secret_hash(), SecretToken::generate(TokenKind::Bootstrap).secret_hash());
+        assert_ne!(
+            t.secret_hash(),
+            SecretToken::generate(TokenKind::Bootstrap).secret_hash()
+        );
     }
 }

@@ -63,8 +63,10 @@ pub struct AuthResponse {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct HeartbeatRequest {
     pub agent_version: String,
-    /// The interval the agent is using now, so the server can tell when a device is overdue.
-    pub interval_s: u32,
+    /// The interval the agent uses when an operator overrode it (`set-interval`); absent when the
+    /// agent follows the server's suggestion. The server derives "overdue" from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_s: Option<u32>,
     pub telemetry: Telemetry,
     /// Results of commands received in earlier responses; re-sent until the server stops sending
     /// the command.
@@ -212,23 +214,38 @@ mod tests {
 
     #[test]
     fn command_specs_parse_from_kind_and_args() {
-        assert_eq!(CommandSpec::parse("ping", &json!(null)), Ok(CommandSpec::Ping));
-        assert_eq!(CommandSpec::parse("ping", &json!({})), Ok(CommandSpec::Ping));
+        assert_eq!(
+            CommandSpec::parse("ping", &json!(null)),
+            Ok(CommandSpec::Ping)
+        );
+        assert_eq!(
+            CommandSpec::parse("ping", &json!({})),
+            Ok(CommandSpec::Ping)
+        );
         assert_eq!(
             CommandSpec::parse("set-interval", &json!({"seconds": 30})),
             Ok(CommandSpec::SetInterval(SetIntervalArgs { seconds: 30 }))
         );
-        assert_eq!(CommandSpec::parse("deregister", &json!(null)), Ok(CommandSpec::Deregister));
+        assert_eq!(
+            CommandSpec::parse("deregister", &json!(null)),
+            Ok(CommandSpec::Deregister)
+        );
     }
 
     #[test]
     fn bad_commands_are_explained() {
         let e = CommandSpec::parse("reboot-now", &json!(null)).unwrap_err();
-        assert!(e.starts_with("command `reboot-now`: unknown variant `reboot-now`"), "{e}");
+        assert!(
+            e.starts_with("command `reboot-now`: unknown variant `reboot-now`"),
+            "{e}"
+        );
         let e = CommandSpec::parse("set-interval", &json!({"secs": 3})).unwrap_err();
         assert!(e.contains("unknown field `secs`"), "{e}");
         let e = CommandSpec::parse("set-interval", &json!({"seconds": 0})).unwrap_err();
-        assert_eq!(e, "command `set-interval`: seconds must be between 1 and 86400, got 0");
+        assert_eq!(
+            e,
+            "command `set-interval`: seconds must be between 1 and 86400, got 0"
+        );
     }
 
     #[test]

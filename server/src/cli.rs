@@ -12,7 +12,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
-#[command(name = "kernex-server", version, about = "Kernex control plane: tenants, bootstrap tokens, devices, commands.")]
+#[command(
+    name = "kernex-server",
+    version,
+    about = "Kernex control plane: tenants, bootstrap tokens, devices, commands."
+)]
 pub struct Cli {
     #[command(flatten)]
     pub storage: StorageArgs,
@@ -24,10 +28,20 @@ pub struct Cli {
 #[derive(Debug, Args)]
 pub struct StorageArgs {
     /// Directory for the embedded SQLite database (and, later, bundles).
-    #[arg(long, global = true, env = "KERNEX_DATA_DIR", default_value = "./kernex-data")]
+    #[arg(
+        long,
+        global = true,
+        env = "KERNEX_DATA_DIR",
+        default_value = "./kernex-data"
+    )]
     pub data_dir: PathBuf,
     /// `postgres://user:password@host/db` to use PostgreSQL instead of the embedded SQLite file.
-    #[arg(long, global = true, env = "KERNEX_DATABASE_URL", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "KERNEX_DATABASE_URL",
+        hide_env_values = true
+    )]
     pub database: Option<String>,
 }
 
@@ -178,8 +192,18 @@ async fn dispatch(db: &Db, command: Command) -> anyhow::Result<()> {
             serve(db.clone(), options).await
         }
         Command::Tenant(TenantCommand::Create { name, json }) => {
-            let tenant = tenants::create(db, &name).await.with_context(|| format!("creating tenant `{name}`"))?;
-            audit::record(db, Some(&tenant.id), "cli", "tenant.created", &tenant.id, json!({"name": name})).await;
+            let tenant = tenants::create(db, &name)
+                .await
+                .with_context(|| format!("creating tenant `{name}`"))?;
+            audit::record(
+                db,
+                Some(&tenant.id),
+                "cli",
+                "tenant.created",
+                &tenant.id,
+                json!({"name": name}),
+            )
+            .await;
             if json {
                 println!("{}", json!(tenant.view()));
             } else {
@@ -190,7 +214,10 @@ async fn dispatch(db: &Db, command: Command) -> anyhow::Result<()> {
         Command::Tenant(TenantCommand::List { json }) => {
             let all = tenants::list(db).await.context("listing tenants")?;
             if json {
-                println!("{}", json!(all.iter().map(|t| t.view()).collect::<Vec<_>>()));
+                println!(
+                    "{}",
+                    json!(all.iter().map(|t| t.view()).collect::<Vec<_>>())
+                );
             } else {
                 for t in all {
                     println!("{}\t{}", t.name, t.id);
@@ -198,12 +225,29 @@ async fn dispatch(db: &Db, command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Token(TokenCommand::Create { tenant, uses, ttl, description, json }) => {
+        Command::Token(TokenCommand::Create {
+            tenant,
+            uses,
+            ttl,
+            description,
+            json,
+        }) => {
             let tenant = tenants::require(db, &tenant).await?;
-            let spec = NewBootstrapToken { uses, ttl, description };
+            let spec = NewBootstrapToken {
+                uses,
+                ttl,
+                description,
+            };
             let (secret, row) = tokens::create_bootstrap_token(db, &tenant.id, &spec).await?;
-            audit::record(db, Some(&tenant.id), "cli", "token.created", &row.id,
-                json!({"uses_allowed": row.uses_allowed, "expires_at": row.expires_at})).await;
+            audit::record(
+                db,
+                Some(&tenant.id),
+                "cli",
+                "token.created",
+                &row.id,
+                json!({"uses_allowed": row.uses_allowed, "expires_at": row.expires_at}),
+            )
+            .await;
             if json {
                 let mut view = json!(row.view());
                 view["token"] = json!(secret.expose());
@@ -218,13 +262,24 @@ async fn dispatch(db: &Db, command: Command) -> anyhow::Result<()> {
             let tenant = tenants::require(db, &tenant).await?;
             let rows = tokens::list_bootstrap_tokens(db, &tenant.id).await?;
             if json {
-                println!("{}", json!(rows.iter().map(|r| r.view()).collect::<Vec<_>>()));
+                println!(
+                    "{}",
+                    json!(rows.iter().map(|r| r.view()).collect::<Vec<_>>())
+                );
             } else {
                 for row in rows {
                     let view = row.view();
-                    let limit = view.uses_allowed.map_or("unlimited".to_owned(), |n| n.to_string());
-                    println!("{}\t{}\tuses {}/{}\texpires {}", view.id, json!(view.state).as_str().unwrap_or(""),
-                        view.uses, limit, view.expires_at.as_deref().unwrap_or("never"));
+                    let limit = view
+                        .uses_allowed
+                        .map_or("unlimited".to_owned(), |n| n.to_string());
+                    println!(
+                        "{}\t{}\tuses {}/{}\texpires {}",
+                        view.id,
+                        json!(view.state).as_str().unwrap_or(""),
+                        view.uses,
+                        limit,
+                        view.expires_at.as_deref().unwrap_or("never")
+                    );
                 }
             }
             Ok(())
@@ -236,10 +291,23 @@ async fn dispatch(db: &Db, command: Command) -> anyhow::Result<()> {
             println!("revoked bootstrap token {id}");
             Ok(())
         }
-        Command::Apikey(ApiKeyCommand::Create { tenant, role, description, json }) => {
+        Command::Apikey(ApiKeyCommand::Create {
+            tenant,
+            role,
+            description,
+            json,
+        }) => {
             let tenant = tenants::require(db, &tenant).await?;
             let (secret, row) = tokens::create_api_key(db, &tenant.id, role, &description).await?;
-            audit::record(db, Some(&tenant.id), "cli", "apikey.created", &row.id, json!({"role": row.role})).await;
+            audit::record(
+                db,
+                Some(&tenant.id),
+                "cli",
+                "apikey.created",
+                &row.id,
+                json!({"role": row.role}),
+            )
+            .await;
             if json {
                 let mut view = json!(row.view());
                 view["key"] = json!(secret.expose());
@@ -250,11 +318,28 @@ async fn dispatch(db: &Db, command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Device(DeviceCommand::Preauthorize { tenant, count, token_ttl, out }) => {
+        Command::Device(DeviceCommand::Preauthorize {
+            tenant,
+            count,
+            token_ttl,
+            out,
+        }) => {
             let tenant = tenants::require(db, &tenant).await?;
-            let written = crate::preauthorize::preauthorize(db, &tenant, count, token_ttl, &out).await?;
-            audit::record(db, Some(&tenant.id), "cli", "device.preauthorized", &tenant.id, json!({"count": written})).await;
-            eprintln!("pre-authorized {written} devices; tokens in {}", out.display());
+            let written =
+                crate::preauthorize::preauthorize(db, &tenant, count, token_ttl, &out).await?;
+            audit::record(
+                db,
+                Some(&tenant.id),
+                "cli",
+                "device.preauthorized",
+                &tenant.id,
+                json!({"count": written}),
+            )
+            .await;
+            eprintln!(
+                "pre-authorized {written} devices; tokens in {}",
+                out.display()
+            );
             Ok(())
         }
     }

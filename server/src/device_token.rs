@@ -49,12 +49,20 @@ impl DeviceTokenKey {
         let mut mac = self.mac.clone();
         mac.update(VERSION.as_bytes());
         mac.update(payload.as_bytes());
-        format!("{VERSION}{payload}.{}", B64.encode(mac.finalize().into_bytes()))
+        format!(
+            "{VERSION}{payload}.{}",
+            B64.encode(mac.finalize().into_bytes())
+        )
     }
 
     /// The claims of a genuine, unexpired token.
     pub fn verify(&self, token: &str, now_s: i64) -> Result<DeviceClaims, ApiError> {
-        let invalid = || ApiError::unauthorized(codes::INVALID_DEVICE_TOKEN, "the device token is invalid or expired");
+        let invalid = || {
+            ApiError::unauthorized(
+                codes::INVALID_DEVICE_TOKEN,
+                "the device token is invalid or expired",
+            )
+        };
         let rest = token.strip_prefix(VERSION).ok_or_else(invalid)?;
         let (payload, signature) = rest.split_once('.').ok_or_else(invalid)?;
         let signature = B64.decode(signature).map_err(|_| invalid())?;
@@ -91,7 +99,10 @@ mod tests {
         let key = DeviceTokenKey::new(b"k1");
         let token = key.issue(&claims(100));
         assert_eq!(key.verify(&token, 99).unwrap(), claims(100));
-        assert_eq!(key.verify(&token, 100).unwrap_err().code(), "invalid_device_token");
+        assert_eq!(
+            key.verify(&token, 100).unwrap_err().code(),
+            "invalid_device_token"
+        );
     }
 
     #[test]
@@ -102,7 +113,9 @@ mod tests {
         let token = key.issue(&claims(100));
         let (head, sig) = token.rsplit_once('.').unwrap();
         let forged_payload = B64.encode(serde_json::to_vec(&claims(1_000_000)).unwrap());
-        assert!(key.verify(&format!("v1.{forged_payload}.{sig}"), 0).is_err());
+        assert!(key
+            .verify(&format!("v1.{forged_payload}.{sig}"), 0)
+            .is_err());
         assert!(key.verify(&format!("{head}.AAAA"), 0).is_err());
         assert!(key.verify("garbage", 0).is_err());
     }

@@ -37,19 +37,34 @@ pub enum ApiError {
 
 impl ApiError {
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError::BadRequest { code, message: message.into() }
+        ApiError::BadRequest {
+            code,
+            message: message.into(),
+        }
     }
     pub fn unauthorized(code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError::Unauthorized { code, message: message.into() }
+        ApiError::Unauthorized {
+            code,
+            message: message.into(),
+        }
     }
     pub fn forbidden(code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError::Forbidden { code, message: message.into() }
+        ApiError::Forbidden {
+            code,
+            message: message.into(),
+        }
     }
     pub fn not_found(code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError::NotFound { code, message: message.into() }
+        ApiError::NotFound {
+            code,
+            message: message.into(),
+        }
     }
     pub fn conflict(code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError::Conflict { code, message: message.into() }
+        ApiError::Conflict {
+            code,
+            message: message.into(),
+        }
     }
 
     pub fn status(&self) -> StatusCode {
@@ -87,9 +102,8 @@ impl ApiError {
 
     fn retry_after(&self) -> Option<u64> {
         match self {
-            ApiError::Overloaded { retry_after_s } | ApiError::DatabaseUnavailable { retry_after_s } => {
-                Some(*retry_after_s)
-            }
+            ApiError::Overloaded { retry_after_s }
+            | ApiError::DatabaseUnavailable { retry_after_s } => Some(*retry_after_s),
             _ => None,
         }
     }
@@ -108,7 +122,9 @@ impl IntoResponse for ApiError {
         };
         let mut response = (self.status(), axum::Json(body)).into_response();
         if let Some(seconds) = self.retry_after() {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }

@@ -27,7 +27,9 @@ pub struct Beat {
 #[derive(Debug, PartialEq)]
 pub enum BeatOutcome {
     /// Stored; these commands are open for the device.
-    Accepted { commands: Vec<DeviceCommand> },
+    Accepted {
+        commands: Vec<DeviceCommand>,
+    },
     Deregistered,
     UnknownDevice,
 }
@@ -117,7 +119,11 @@ async fn run_writer(db: Db, receiver: Arc<Mutex<mpsc::Receiver<(Beat, Reply)>>>,
 }
 
 /// Commits every beat of `batch` in one transaction and returns one outcome per beat, in order.
-async fn write_batch(db: &Db, batch: &[(Beat, Reply)], now: i64) -> Result<Vec<BeatOutcome>, sqlx::Error> {
+async fn write_batch(
+    db: &Db,
+    batch: &[(Beat, Reply)],
+    now: i64,
+) -> Result<Vec<BeatOutcome>, sqlx::Error> {
     with_pool!(db, pool => {
         let mut tx = pool.begin().await?;
         let mut outcomes = Vec::with_capacity(batch.len());

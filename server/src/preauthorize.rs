@@ -15,8 +15,15 @@ use std::time::Duration;
 /// Rows per INSERT statement: far below both backends' bound-parameter limits.
 const ROWS_PER_INSERT: usize = 500;
 
-pub async fn preauthorize(db: &Db, tenant: &Tenant, count: u32, token_ttl: Duration, out: &Path) -> anyhow::Result<u32> {
-    let key = DeviceTokenKey::new(&secrets::get_or_create(db, crate::serve::DEVICE_TOKEN_SECRET).await?);
+pub async fn preauthorize(
+    db: &Db,
+    tenant: &Tenant,
+    count: u32,
+    token_ttl: Duration,
+    out: &Path,
+) -> anyhow::Result<u32> {
+    let key =
+        DeviceTokenKey::new(&secrets::get_or_create(db, crate::serve::DEVICE_TOKEN_SECRET).await?);
     let now = now_ms();
     let expires_at = now / 1000 + token_ttl.as_secs() as i64;
     let ids: Vec<String> = (0..count).map(|_| new_id()).collect();
@@ -29,7 +36,14 @@ pub async fn preauthorize(db: &Db, tenant: &Tenant, count: u32, token_ttl: Durat
             if i > 0 {
                 sql.push(',');
             }
-            sql.push_str(&format!("(${}, ${}, ${}, ${}, '', ${})", p + 1, p + 2, p + 3, p + 4, chunk.len() * 4 + 1));
+            sql.push_str(&format!(
+                "(${}, ${}, ${}, ${}, '', ${})",
+                p + 1,
+                p + 2,
+                p + 3,
+                p + 4,
+                chunk.len() * 4 + 1
+            ));
         }
         with_pool!(db, pool => {
             let mut query = sqlx::query(&sql);
@@ -47,13 +61,18 @@ pub async fn preauthorize(db: &Db, tenant: &Tenant, count: u32, token_ttl: Durat
     let mut file = create_private(out)?;
     let mut buffer = String::with_capacity(ids.len() * 200);
     for id in &ids {
-        let token = key.issue(&DeviceClaims { device_id: id.clone(), tenant_id: tenant.id.clone(), expires_at });
+        let token = key.issue(&DeviceClaims {
+            device_id: id.clone(),
+            tenant_id: tenant.id.clone(),
+            expires_at,
+        });
         buffer.push_str(id);
         buffer.push(' ');
         buffer.push_str(&token);
         buffer.push('\n');
     }
-    file.write_all(buffer.as_bytes()).with_context(|| format!("writing {}", out.display()))?;
+    file.write_all(buffer.as_bytes())
+        .with_context(|| format!("writing {}", out.display()))?;
     Ok(count)
 }
 

@@ -25,12 +25,21 @@ pub async fn serve(db: Db, options: ServeOptions) -> anyhow::Result<()> {
         .await
         .context("loading the device-token key")?;
     let heartbeats = HeartbeatWriter::start(db.clone(), WriterConfig::default());
-    let state = AppState::new(db.clone(), heartbeats, DeviceTokenKey::new(&secret), options.api);
+    let state = AppState::new(
+        db.clone(),
+        heartbeats,
+        DeviceTokenKey::new(&secret),
+        options.api,
+    );
     let service = app(state).into_make_service_with_connect_info::<SocketAddr>();
 
     let handle = axum_server::Handle::new();
     tokio::spawn(shutdown_on_signal(handle.clone()));
-    let scheme = if options.tls.is_some() { "https" } else { "http" };
+    let scheme = if options.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let announce = {
         let handle = handle.clone();
         let backend = db.backend();
@@ -71,7 +80,8 @@ async fn shutdown_on_signal(handle: axum_server::Handle) {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
             s.recv().await;
         }
     };

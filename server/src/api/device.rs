@@ -13,8 +13,8 @@ use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::Json;
 use kernex_protocol::wire::{
-    codes, AuthRequest, AuthResponse, EnrollRequest, EnrollResponse, HeartbeatRequest, HeartbeatResponse,
-    MAX_INTERVAL_S, MIN_INTERVAL_S,
+    codes, AuthRequest, AuthResponse, EnrollRequest, EnrollResponse, HeartbeatRequest,
+    HeartbeatResponse, MAX_INTERVAL_S, MIN_INTERVAL_S,
 };
 use kernex_protocol::{DevicePublicKey, SecretToken, SigningError, TokenKind, MAX_CLOCK_SKEW_S};
 use serde_json::json;
@@ -23,11 +23,17 @@ use serde_json::json;
 const MAX_ACKS: usize = 64;
 
 fn invalid_token() -> ApiError {
-    ApiError::unauthorized("invalid_token", "the bootstrap token is not valid for this tenant")
+    ApiError::unauthorized(
+        "invalid_token",
+        "the bootstrap token is not valid for this tenant",
+    )
 }
 
 fn deregistered() -> ApiError {
-    ApiError::forbidden(codes::DEVICE_DEREGISTERED, "this device has been deregistered")
+    ApiError::forbidden(
+        codes::DEVICE_DEREGISTERED,
+        "this device has been deregistered",
+    )
 }
 
 fn signature_error(e: SigningError) -> ApiError {
@@ -41,16 +47,27 @@ fn signature_error(e: SigningError) -> ApiError {
 
 /// `POST /api/v1/enroll`. Idempotent: the same key, or the same hardware id with a new key (a
 /// re-installed appliance), gets the same device back.
-pub async fn enroll(State(state): State<AppState>, body: SignedBody) -> Result<(StatusCode, Json<EnrollResponse>), ApiError> {
+pub async fn enroll(
+    State(state): State<AppState>,
+    body: SignedBody,
+) -> Result<(StatusCode, Json<EnrollResponse>), ApiError> {
     let request: EnrollRequest = body.json()?;
     // Proof of possession first: nothing below runs for a body the key did not sign.
     let public_key = DevicePublicKey::from_pem(&request.public_key).map_err(signature_error)?;
-    public_key.verify(&body.bytes, &body.signature).map_err(signature_error)?;
+    public_key
+        .verify(&body.bytes, &body.signature)
+        .map_err(signature_error)?;
     if request.hardware_id.trim().is_empty() || request.hardware_id.len() > 256 {
-        return Err(ApiError::bad_request("invalid_hardware_id", "hardware_id must be 1 to 256 characters"));
+        return Err(ApiError::bad_request(
+            "invalid_hardware_id",
+            "hardware_id must be 1 to 256 characters",
+        ));
     }
-    let token = SecretToken::parse(TokenKind::Bootstrap, &request.token).map_err(|_| invalid_token())?;
-    let tenant = tenants::by_name(&state.db, &request.tenant).await?.ok_or_else(invalid_token)?;
+    let token =
+        SecretToken::parse(TokenKind::Bootstrap, &request.token).map_err(|_| invalid_token())?;
+    let tenant = tenants::by_name(&state.db, &request.tenant)
+        .await?
+        .ok_or_else(invalid_token)?;
     let token_row = tokens::bootstrap_token(&state.db, &tenant.id, token.id())
         .await?
         .filter(|row| row.matches(&token))
@@ -58,7 +75,10 @@ pub async fn enroll(State(state): State<AppState>, body: SignedBody) -> Result<(
     let now = now_ms();
     let token_state = token_row.state(now);
     if token_state == TokenState::Revoked {
-        return Err(ApiError::forbidden("token_revoked", "the bootstrap token has been revoked"));
+        return Err(ApiError::forbidden(
+            "token_revoked",
+            "the bootstrap token has been revoked",
+        ));
     }
     let fingerprint = public_key.fingerprint();
     let facts = serde_json::to_string(&request.facts).map_err(anyhow::Error::from)?;
@@ -68,10 +88,22 @@ pub async fn enroll(State(state): State<AppState>, body: SignedBody) -> Result<(
         if device.deregistered_at.is_some() {
             return Err(deregistered());
         }
-        return Ok((StatusCode::OK, Json(EnrollResponse { device_id: device.id, tenant: tenant.name, created: false })));
+        return Ok((
+            StatusCode::OK,
+            Json(EnrollResponse {
+                device_id: device.id,
+                tenant: tenant.name,
+                created: false,
+            }),
+        ));
     }
     match token_state {
-        TokenState::Expired => return Err(ApiError::forbidden("token_expired", "the bootstrap token has expired")),
+        TokenState::Expired => {
+            return Err(ApiError::forbidden(
+                "token_expired",
+                "the bootstrap token has expired",
+            ))
+        }
         TokenState::Exhausted => return Err(exhausted()),
         TokenState::Active | TokenState::Revoked => {}
     }
@@ -142,12 +174,22 @@ pub async fn enroll(State(state): State<AppState>, body: SignedBody) -> Result<(
     let actor = format!("token:{}", token_row.id);
     let (device_id, status) = match outcome {
         Enrolled::Created { id } => {
-            audit::record(&state.db, Some(&tenant.id), &actor, "device.enrolled", &id,
-                json!({"hardware_id": request.hardware_id, "key_fingerprint": fingerprint})).await;
+            audit::record(
+                &state.db,
+                Some(&tenant.id),
+                &actor,
+                "device.enrolled",
+                &id,
+                json!({"hardware_id": request.hardware_id, "key_fingerprint": fingerprint}),
+            )
+            .await;
             tracing::info!(device = %id, tenant = %tenant.name, "device enrolled");
             (id, StatusCode::CREATED)
         }
-        Enrolled::Rekeyed { id, old_fingerprint } => {
+        Enrolled::Rekeyed {
+            id,
+            old_fingerprint,
+        } => {
             audit::record(&state.db, Some(&tenant.id), &actor, "device.rekeyed", &id,
                 json!({"hardware_id": request.hardware_id, "before": {"key_fingerprint": old_fingerprint},
                        "after": {"key_fingerprint": fingerprint}})).await;
@@ -155,7 +197,14 @@ pub async fn enroll(State(state): State<AppState>, body: SignedBody) -> Result<(
             (id, StatusCode::OK)
         }
     };
-    Ok((status, Json(EnrollResponse { device_id, tenant: tenant.name, created: status == StatusCode::CREATED })))
+    Ok((
+        status,
+        Json(EnrollResponse {
+            device_id,
+            tenant: tenant.name,
+            created: status == StatusCode::CREATED,
+        }),
+    ))
 }
 
 enum Enrolled {
@@ -168,14 +217,21 @@ fn exhausted() -> ApiError {
 }
 
 /// `POST /api/v1/auth`: one RSA verification, then a bearer token for heartbeats.
-pub async fn auth(State(state): State<AppState>, body: SignedBody) -> Result<Json<AuthResponse>, ApiError> {
+pub async fn auth(
+    State(state): State<AppState>,
+    body: SignedBody,
+) -> Result<Json<AuthResponse>, ApiError> {
     let request: AuthRequest = body.json()?;
-    let device = devices::by_id(&state.db, &request.device_id).await?.ok_or_else(unknown_device)?;
+    let device = devices::by_id(&state.db, &request.device_id)
+        .await?
+        .ok_or_else(unknown_device)?;
     if device.deregistered_at.is_some() {
         return Err(deregistered());
     }
     let public_key = DevicePublicKey::from_pem(&device.public_key).map_err(anyhow::Error::from)?;
-    public_key.verify(&body.bytes, &body.signature).map_err(signature_error)?;
+    public_key
+        .verify(&body.bytes, &body.signature)
+        .map_err(signature_error)?;
     let now_s = now_ms() / 1000;
     if (now_s - request.timestamp).abs() > MAX_CLOCK_SKEW_S {
         return Err(ApiError::unauthorized(
@@ -183,8 +239,13 @@ pub async fn auth(State(state): State<AppState>, body: SignedBody) -> Result<Jso
             format!("request timestamp {} is more than {MAX_CLOCK_SKEW_S} s from the server's clock {now_s}", request.timestamp),
         ));
     }
-    if request.nonce.len() < 16 || !devices::accept_auth_nonce(&state.db, &device.id, &request.nonce).await? {
-        return Err(ApiError::unauthorized("replayed_request", "the auth request's nonce was already used"));
+    if request.nonce.len() < 16
+        || !devices::accept_auth_nonce(&state.db, &device.id, &request.nonce).await?
+    {
+        return Err(ApiError::unauthorized(
+            "replayed_request",
+            "the auth request's nonce was already used",
+        ));
     }
     let ttl = state.settings.device_token_ttl.as_secs();
     let token = state.device_tokens.issue(&DeviceClaims {
@@ -192,7 +253,10 @@ pub async fn auth(State(state): State<AppState>, body: SignedBody) -> Result<Jso
         tenant_id: device.tenant_id,
         expires_at: now_s + ttl as i64,
     });
-    Ok(Json(AuthResponse { token, expires_in_s: ttl }))
+    Ok(Json(AuthResponse {
+        token,
+        expires_in_s: ttl,
+    }))
 }
 
 fn unknown_device() -> ApiError {
@@ -207,9 +271,15 @@ impl axum::extract::FromRequestParts<AppState> for DeviceAuth {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let token = bearer(parts).ok_or_else(|| {
-            ApiError::unauthorized(codes::INVALID_DEVICE_TOKEN, "a device token is required (Authorization: Bearer ...)")
+            ApiError::unauthorized(
+                codes::INVALID_DEVICE_TOKEN,
+                "a device token is required (Authorization: Bearer ...)",
+            )
         })?;
-        state.device_tokens.verify(token, now_ms() / 1000).map(DeviceAuth)
+        state
+            .device_tokens
+            .verify(token, now_ms() / 1000)
+            .map(DeviceAuth)
     }
 }
 
@@ -220,9 +290,18 @@ pub async fn heartbeat(
     ApiJson(request): ApiJson<HeartbeatRequest>,
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
     if request.acks.len() > MAX_ACKS {
-        return Err(ApiError::bad_request("too_many_acks", format!("at most {MAX_ACKS} acks per heartbeat")));
+        return Err(ApiError::bad_request(
+            "too_many_acks",
+            format!("at most {MAX_ACKS} acks per heartbeat"),
+        ));
     }
-    if !(MIN_INTERVAL_S..=MAX_INTERVAL_S).contains(&request.interval_s) {
+    let suggested = state
+        .settings
+        .heartbeat_interval
+        .as_secs()
+        .clamp(1, u64::from(MAX_INTERVAL_S)) as u32;
+    let interval_s = request.interval_s.unwrap_or(suggested);
+    if !(MIN_INTERVAL_S..=MAX_INTERVAL_S).contains(&interval_s) {
         return Err(ApiError::bad_request(
             "invalid_interval",
             format!("interval_s must be between {MIN_INTERVAL_S} and {MAX_INTERVAL_S}"),
@@ -231,17 +310,16 @@ pub async fn heartbeat(
     let beat = Beat {
         device_id: claims.device_id,
         agent_version: request.agent_version.chars().take(64).collect(),
-        interval_s: request.interval_s,
+        interval_s,
         telemetry_json: serde_json::to_string(&request.telemetry).map_err(anyhow::Error::from)?,
         acks: request.acks,
     };
     match state.heartbeats.submit(beat).await? {
         BeatOutcome::Accepted { commands } => Ok(Json(HeartbeatResponse {
-            interval_s: state.settings.heartbeat_interval.as_secs().clamp(1, u64::from(MAX_INTERVAL_S)) as u32,
+            interval_s: suggested,
             commands,
         })),
         BeatOutcome::Deregistered => Err(deregistered()),
         BeatOutcome::UnknownDevice => Err(unknown_device()),
     }
 }
-

@@ -22,8 +22,12 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(value)) => Ok(ApiJson(value)),
-            Err(JsonRejection::JsonSyntaxError(e)) => Err(ApiError::bad_request("malformed_json", e.body_text())),
-            Err(JsonRejection::JsonDataError(e)) => Err(ApiError::bad_request("invalid_request", e.body_text())),
+            Err(JsonRejection::JsonSyntaxError(e)) => {
+                Err(ApiError::bad_request("malformed_json", e.body_text()))
+            }
+            Err(JsonRejection::JsonDataError(e)) => {
+                Err(ApiError::bad_request("invalid_request", e.body_text()))
+            }
             Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::UnsupportedMediaType {
                 message: "expected Content-Type: application/json".into(),
             }),
@@ -61,14 +65,19 @@ impl FromRequest<AppState> for SignedBody {
             .ok_or_else(|| {
                 ApiError::unauthorized(
                     "missing_signature",
-                    format!("the `{}` header is required", kernex_protocol::SIGNATURE_HEADER),
+                    format!(
+                        "the `{}` header is required",
+                        kernex_protocol::SIGNATURE_HEADER
+                    ),
                 )
             })?;
         let limit = state.settings.body_limit;
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| match body_error(e) {
-            ApiError::PayloadTooLarge { .. } => ApiError::PayloadTooLarge { limit },
-            other => other,
-        })?;
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|e| match body_error(e) {
+                ApiError::PayloadTooLarge { .. } => ApiError::PayloadTooLarge { limit },
+                other => other,
+            })?;
         Ok(SignedBody { bytes, signature })
     }
 }
@@ -78,7 +87,10 @@ impl SignedBody {
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
         serde_json::from_slice(&self.bytes).map_err(|e| {
             if e.is_syntax() || e.is_eof() {
-                ApiError::bad_request("malformed_json", format!("request body is not valid JSON: {e}"))
+                ApiError::bad_request(
+                    "malformed_json",
+                    format!("request body is not valid JSON: {e}"),
+                )
             } else {
                 ApiError::bad_request("invalid_request", format!("request body: {e}"))
             }
@@ -101,11 +113,18 @@ impl FromRequestParts<AppState> for Principal {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let invalid = || ApiError::unauthorized("invalid_api_key", "a valid API key is required (Authorization: Bearer kxk_...)");
+        let invalid = || {
+            ApiError::unauthorized(
+                "invalid_api_key",
+                "a valid API key is required (Authorization: Bearer kxk_...)",
+            )
+        };
         let key = bearer(parts)
             .and_then(|value| SecretToken::parse(TokenKind::ApiKey, value).ok())
             .ok_or_else(invalid)?;
-        authenticate_api_key(&state.db, &key).await?.ok_or_else(invalid)
+        authenticate_api_key(&state.db, &key)
+            .await?
+            .ok_or_else(invalid)
     }
 }
 

@@ -53,7 +53,12 @@ pub struct Shared {
 }
 
 impl AppState {
-    pub fn new(db: Db, heartbeats: HeartbeatWriter, device_tokens: DeviceTokenKey, settings: ApiSettings) -> AppState {
+    pub fn new(
+        db: Db,
+        heartbeats: HeartbeatWriter,
+        device_tokens: DeviceTokenKey,
+        settings: ApiSettings,
+    ) -> AppState {
         AppState(Arc::new(Shared {
             db,
             heartbeats,
@@ -81,11 +86,20 @@ pub fn app(state: AppState) -> Router {
         .route("/tokens", get(rest::list_tokens).post(rest::create_token))
         .route("/tokens/{id}", get(rest::get_token))
         .route("/tokens/{id}/revoke", post(rest::revoke_token))
-        .route("/apikeys", get(rest::list_api_keys).post(rest::create_api_key))
+        .route(
+            "/apikeys",
+            get(rest::list_api_keys).post(rest::create_api_key),
+        )
         .route("/apikeys/{id}/revoke", post(rest::revoke_api_key))
         .route("/devices", get(rest::list_devices))
-        .route("/devices/{id}", get(rest::get_device).delete(rest::deregister_device))
-        .route("/devices/{id}/commands", get(rest::list_commands).post(rest::queue_command))
+        .route(
+            "/devices/{id}",
+            get(rest::get_device).delete(rest::deregister_device),
+        )
+        .route(
+            "/devices/{id}/commands",
+            get(rest::list_commands).post(rest::queue_command),
+        )
         .route("/devices/{id}/commands/{command}", get(rest::get_command))
         .route("/audit", get(rest::list_audit));
     Router::new()
@@ -94,7 +108,9 @@ pub fn app(state: AppState) -> Router {
         .route("/readyz", get(rest::readyz))
         .fallback(|| async { ApiError::not_found("not_found", "no such route") })
         .method_not_allowed_fallback(|| async {
-            ApiError::MethodNotAllowed { message: "method not allowed on this route".into() }
+            ApiError::MethodNotAllowed {
+                message: "method not allowed on this route".into(),
+            }
         })
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)

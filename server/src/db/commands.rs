@@ -60,7 +60,12 @@ impl Command {
 }
 
 /// Queues a validated command for `device_id`.
-pub async fn queue(db: &Db, device_id: &str, spec: &CommandSpec, created_by: &str) -> Result<Command, ApiError> {
+pub async fn queue(
+    db: &Db,
+    device_id: &str,
+    spec: &CommandSpec,
+    created_by: &str,
+) -> Result<Command, ApiError> {
     let args = match serde_json::to_value(spec).map_err(anyhow::Error::from)? {
         serde_json::Value::Object(mut o) => o.remove("args").unwrap_or(serde_json::Value::Null),
         _ => serde_json::Value::Null,
@@ -93,7 +98,9 @@ pub async fn queue(db: &Db, device_id: &str, spec: &CommandSpec, created_by: &st
 }
 
 pub async fn list(db: &Db, device_id: &str) -> Result<Vec<Command>, sqlx::Error> {
-    let sql = format!("SELECT {COMMAND_COLUMNS} FROM commands WHERE device_id = $1 ORDER BY created_at, id");
+    let sql = format!(
+        "SELECT {COMMAND_COLUMNS} FROM commands WHERE device_id = $1 ORDER BY created_at, id"
+    );
     with_pool!(db, pool => sqlx::query_as::<_, Command>(&sql).bind(device_id).fetch_all(pool).await)
 }
 

@@ -3,7 +3,8 @@
 use super::{now_ms, rfc3339, with_pool, Db};
 use serde::Serialize;
 
-const DEVICE_COLUMNS: &str = "id, tenant_id, hardware_id, key_fingerprint, public_key, facts, enrolled_at, \
+const DEVICE_COLUMNS: &str =
+    "id, tenant_id, hardware_id, key_fingerprint, public_key, facts, enrolled_at, \
      deregistered_at, last_heartbeat, interval_s, agent_version, telemetry";
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -101,13 +102,21 @@ pub async fn in_tenant(db: &Db, tenant_id: &str, id: &str) -> Result<Option<Devi
     with_pool!(db, pool => sqlx::query_as::<_, Device>(&sql).bind(tenant_id).bind(id).fetch_optional(pool).await)
 }
 
-pub async fn by_fingerprint(db: &Db, tenant_id: &str, fingerprint: &str) -> Result<Option<Device>, sqlx::Error> {
-    let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE tenant_id = $1 AND key_fingerprint = $2");
+pub async fn by_fingerprint(
+    db: &Db,
+    tenant_id: &str,
+    fingerprint: &str,
+) -> Result<Option<Device>, sqlx::Error> {
+    let sql = format!(
+        "SELECT {DEVICE_COLUMNS} FROM devices WHERE tenant_id = $1 AND key_fingerprint = $2"
+    );
     with_pool!(db, pool => sqlx::query_as::<_, Device>(&sql).bind(tenant_id).bind(fingerprint).fetch_optional(pool).await)
 }
 
 pub async fn list(db: &Db, tenant_id: &str) -> Result<Vec<Device>, sqlx::Error> {
-    let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE tenant_id = $1 ORDER BY enrolled_at, id");
+    let sql = format!(
+        "SELECT {DEVICE_COLUMNS} FROM devices WHERE tenant_id = $1 ORDER BY enrolled_at, id"
+    );
     with_pool!(db, pool => sqlx::query_as::<_, Device>(&sql).bind(tenant_id).fetch_all(pool).await)
 }
 

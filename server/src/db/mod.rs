@@ -61,7 +61,11 @@ impl Db {
             Some(url) if url.starts_with("sqlite:") => {
                 let options = SqliteConnectOptions::from_str(url)
                     .with_context(|| format!("parsing --database URL {url}"))?;
-                Db::Sqlite(open_sqlite(options).await.with_context(|| format!("opening {url}"))?)
+                Db::Sqlite(
+                    open_sqlite(options)
+                        .await
+                        .with_context(|| format!("opening {url}"))?,
+                )
             }
             Some(url) => anyhow::bail!(
                 "--database {}: unsupported URL scheme (use postgres://... or sqlite:PATH)",
@@ -150,7 +154,10 @@ pub fn now_ms() -> i64 {
 pub fn rfc3339(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_default()
 }
 
@@ -170,8 +177,14 @@ mod tests {
 
     #[test]
     fn urls_are_redacted() {
-        assert_eq!(redact_url("postgres://kx:pw@localhost/db"), "postgres://kx:***@localhost/db");
-        assert_eq!(redact_url("postgres://localhost/db"), "postgres://localhost/db");
+        assert_eq!(
+            redact_url("postgres://kx:pw@localhost/db"),
+            "postgres://kx:***@localhost/db"
+        );
+        assert_eq!(
+            redact_url("postgres://localhost/db"),
+            "postgres://localhost/db"
+        );
     }
 
     #[test]

@@ -30,8 +30,9 @@ impl Tenant {
 }
 
 pub async fn create(db: &Db, name: &str) -> Result<Tenant, ApiError> {
-    kernex_protocol::bootstrap::check_name(name)
-        .map_err(|message| ApiError::bad_request("invalid_name", format!("tenant name: {message}")))?;
+    kernex_protocol::bootstrap::check_name(name).map_err(|message| {
+        ApiError::bad_request("invalid_name", format!("tenant name: {message}"))
+    })?;
     let tenant = Tenant {
         id: new_id(),
         name: name.to_owned(),

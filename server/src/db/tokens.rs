@@ -51,7 +51,10 @@ impl BootstrapToken {
             TokenState::Revoked
         } else if self.expires_at.is_some_and(|e| e <= now) {
             TokenState::Expired
-        } else if self.uses_allowed.is_some_and(|allowed| self.uses >= allowed) {
+        } else if self
+            .uses_allowed
+            .is_some_and(|allowed| self.uses >= allowed)
+        {
             TokenState::Exhausted
         } else {
             TokenState::Active
@@ -93,13 +96,19 @@ pub async fn create_bootstrap_token(
     spec: &NewBootstrapToken,
 ) -> Result<(SecretToken, BootstrapToken), ApiError> {
     if spec.uses == Some(0) {
-        return Err(ApiError::bad_request("invalid_uses", "uses must be at least 1"));
+        return Err(ApiError::bad_request(
+            "invalid_uses",
+            "uses must be at least 1",
+        ));
     }
     let secret = SecretToken::generate(TokenKind::Bootstrap);
     let now = now_ms();
     let expires_at = match spec.ttl {
         Some(ttl) if ttl.is_zero() => {
-            return Err(ApiError::bad_request("invalid_ttl", "ttl must be longer than zero"))
+            return Err(ApiError::bad_request(
+                "invalid_ttl",
+                "ttl must be longer than zero",
+            ))
         }
         Some(ttl) => Some(now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX))),
         None => None,
@@ -130,8 +139,13 @@ pub async fn create_bootstrap_token(
     Ok((secret, row))
 }
 
-pub async fn bootstrap_token(db: &Db, tenant_id: &str, id: &str) -> Result<Option<BootstrapToken>, sqlx::Error> {
-    let sql = format!("SELECT {TOKEN_COLUMNS} FROM bootstrap_tokens WHERE tenant_id = $1 AND id = $2");
+pub async fn bootstrap_token(
+    db: &Db,
+    tenant_id: &str,
+    id: &str,
+) -> Result<Option<BootstrapToken>, sqlx::Error> {
+    let sql =
+        format!("SELECT {TOKEN_COLUMNS} FROM bootstrap_tokens WHERE tenant_id = $1 AND id = $2");
     with_pool!(db, pool => sqlx::query_as::<_, BootstrapToken>(&sql)
         .bind(tenant_id)
         .bind(id)
@@ -139,8 +153,13 @@ pub async fn bootstrap_token(db: &Db, tenant_id: &str, id: &str) -> Result<Optio
         .await)
 }
 
-pub async fn list_bootstrap_tokens(db: &Db, tenant_id: &str) -> Result<Vec<BootstrapToken>, sqlx::Error> {
-    let sql = format!("SELECT {TOKEN_COLUMNS} FROM bootstrap_tokens WHERE tenant_id = $1 ORDER BY created_at, id");
+pub async fn list_bootstrap_tokens(
+    db: &Db,
+    tenant_id: &str,
+) -> Result<Vec<BootstrapToken>, sqlx::Error> {
+    let sql = format!(
+        "SELECT {TOKEN_COLUMNS} FROM bootstrap_tokens WHERE tenant_id = $1 ORDER BY created_at, id"
+    );
     with_pool!(db, pool => sqlx::query_as::<_, BootstrapToken>(&sql)
         .bind(tenant_id)
         .fetch_all(pool)
@@ -148,7 +167,11 @@ pub async fn list_bootstrap_tokens(db: &Db, tenant_id: &str) -> Result<Vec<Boots
 }
 
 /// Revokes a token; revoking twice is not an error (the first revocation time is kept).
-pub async fn revoke_bootstrap_token(db: &Db, tenant_id: &str, id: &str) -> Result<BootstrapToken, ApiError> {
+pub async fn revoke_bootstrap_token(
+    db: &Db,
+    tenant_id: &str,
+    id: &str,
+) -> Result<BootstrapToken, ApiError> {
     with_pool!(db, pool => sqlx::query(
         "UPDATE bootstrap_tokens SET revoked_at = $1 WHERE tenant_id = $2 AND id = $3 AND revoked_at IS NULL")
         .bind(now_ms())
@@ -162,7 +185,9 @@ pub async fn revoke_bootstrap_token(db: &Db, tenant_id: &str, id: &str) -> Resul
 }
 
 /// Operator roles, from least to most powerful.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Reads everything in its tenant.
@@ -241,7 +266,11 @@ impl Principal {
         } else {
             Err(ApiError::forbidden(
                 "forbidden",
-                format!("this needs the {} role; the API key has {}", needed.as_str(), self.role.as_str()),
+                format!(
+                    "this needs the {} role; the API key has {}",
+                    needed.as_str(),
+                    self.role.as_str()
+                ),
             ))
         }
     }
@@ -303,7 +332,10 @@ pub async fn revoke_api_key(db: &Db, tenant_id: &str, id: &str) -> Result<bool, 
 
 /// Resolves an API key to its principal; `None` for unknown, wrong or revoked keys alike, so a caller
 /// learns nothing about which.
-pub async fn authenticate_api_key(db: &Db, key: &SecretToken) -> Result<Option<Principal>, sqlx::Error> {
+pub async fn authenticate_api_key(
+    db: &Db,
+    key: &SecretToken,
+) -> Result<Option<Principal>, sqlx::Error> {
     #[derive(sqlx::FromRow)]
     struct Row {
         secret_hash: Vec<u8>,
@@ -319,7 +351,8 @@ pub async fn authenticate_api_key(db: &Db, key: &SecretToken) -> Result<Option<P
         .fetch_optional(pool)
         .await)?;
     Ok(row.and_then(|row| {
-        let valid = constant_time_eq(&row.secret_hash, &key.secret_hash()) && row.revoked_at.is_none();
+        let valid =
+            constant_time_eq(&row.secret_hash, &key.secret_hash()) && row.revoked_at.is_none();
         Some(Principal {
             key_id: key.id().to_owned(),
             tenant_id: row.tenant_id,
@@ -339,7 +372,12 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 mod tests {
     use super::*;
 
-    fn token(uses_allowed: Option<i64>, uses: i64, expires_at: Option<i64>, revoked_at: Option<i64>) -> BootstrapToken {
+    fn token(
+        uses_allowed: Option<i64>,
+        uses: i64,
+        expires_at: Option<i64>,
+        revoked_at: Option<i64>,
+    ) -> BootstrapToken {
         BootstrapToken {
             id: "0123456789abcdef".into(),
             tenant_id: "t".into(),
@@ -356,10 +394,22 @@ mod tests {
     #[test]
     fn token_state_prefers_revoked_then_expired_then_exhausted() {
         assert_eq!(token(None, 5, None, None).state(100), TokenState::Active);
-        assert_eq!(token(Some(1), 1, None, None).state(100), TokenState::Exhausted);
-        assert_eq!(token(Some(1), 1, Some(100), None).state(100), TokenState::Expired);
-        assert_eq!(token(Some(1), 1, Some(100), Some(50)).state(100), TokenState::Revoked);
-        assert_eq!(token(Some(2), 1, Some(101), None).state(100), TokenState::Active);
+        assert_eq!(
+            token(Some(1), 1, None, None).state(100),
+            TokenState::Exhausted
+        );
+        assert_eq!(
+            token(Some(1), 1, Some(100), None).state(100),
+            TokenState::Expired
+        );
+        assert_eq!(
+            token(Some(1), 1, Some(100), Some(50)).state(100),
+            TokenState::Revoked
+        );
+        assert_eq!(
+            token(Some(2), 1, Some(101), None).state(100),
+            TokenState::Active
+        );
     }
 
     #[test]

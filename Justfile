@@ -1,0 +1,47 @@
+# Every routine task. `./dev <recipe>` installs what a fresh machine lacks, then runs it here.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+musl_target := "x86_64-unknown-linux-musl"
+agent_bin := "target/" + musl_target + "/agent/kernex-agent"
+
+export CC_x86_64_unknown_linux_musl := "musl-gcc"
+
+# List the recipes.
+default:
+    @just --list
+
+# Server on SQLite + an agent enrolling and heartbeating, printing the device as it appears.
+demo: build
+    scripts/demo.sh
+
+# Debug builds of every binary and test (dependencies optimised: RSA key generation needs it).
+build:
+    cargo build --workspace --bins --tests
+
+# The static musl agent, as shipped; checks it is static and prints its size and idle memory.
+agent:
+    cargo build -p kernex-agent --profile agent --target {{musl_target}}
+    @file {{agent_bin}} | tee /dev/stderr | grep -q "static" || { echo "kernex-agent is not static" >&2; exit 1; }
+    @echo "kernex-agent (static musl, stripped): $(stat -c %s {{agent_bin}} | numfmt --to=iec-i --suffix=B)"
+    scripts/agent-footprint.sh {{agent_bin}}
+
+# Formatting and lints, as CI runs them.
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# Everything CI runs: lints, unit tests, integration tests on SQLite and PostgreSQL with the musl agent.
+test: lint build agent
+    cargo test --workspace --exclude kernex-tests
+    KERNEX_AGENT_BIN={{agent_bin}} cargo test -p kernex-tests --test integration
+    just test-postgres
+
+# The integration suite against a real PostgreSQL (started here if it is not running).
+test-postgres: build agent
+    KERNEX_TEST_POSTGRES="$(scripts/postgres.sh)" KERNEX_AGENT_BIN={{agent_bin}} cargo test -p kernex-tests --test integration
+
+# Heartbeat throughput against SQLite and PostgreSQL, side by side with a no-op endpoint.
+bench-heartbeat *ARGS:
+    cargo build --release -p kernex-server -p kernex-bench
+    scripts/bench-heartbeat.sh {{ARGS}}

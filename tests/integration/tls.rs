@@ -1,0 +1,104 @@
+//! HTTPS served by kernex-server itself; the agent trusts only the CA (or certificate) its bootstrap
+//! config names.
+
+use kernex_tests::{wait_for, Agent, Server};
+use std::time::Duration;
+
+struct Pki {
+    ca_pem: String,
+    leaf_der_sha256: String,
+    dir: tempfile::TempDir,
+}
+
+fn pki() -> Pki {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("cert.pem"), leaf.pem()).unwrap();
+    std::fs::write(dir.path().join("key.pem"), leaf_key.serialize_pem()).unwrap();
+    use sha2_shim::digest_hex;
+    Pki {
+        ca_pem: ca.pem(),
+        leaf_der_sha256: digest_hex(leaf.der()),
+        dir,
+    }
+}
+
+mod sha2_shim {
+    /// SHA-256 hex through the protocol crate's fingerprint helper (no extra dependency).
+    pub fn digest_hex(bytes: &[u8]) -> String {
+        use rsa::sha2::{Digest, Sha256};
+        kernex_protocol::token::hex(&Sha256::digest(bytes))
+    }
+}
+
+#[test]
+fn agents_trust_only_the_configured_ca_or_pin() {
+    let pki = pki();
+    let cert = pki.dir.path().join("cert.pem");
+    let key = pki.dir.path().join("key.pem");
+    let server = Server::start_with(&[
+        "--heartbeat-interval",
+        "1s",
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    assert!(server.url.starts_with("https://"), "{}", server.url);
+    server.admin(&["tenant", "create", "acme"]);
+    let token = server.token("acme", &[]);
+    let bootstrap = |trust: &str| {
+        format!(
+            "server_url = \"{}\"\ntenant = \"acme\"\ntoken = \"{token}\"\n{trust}\n",
+            server.url
+        )
+    };
+
+    let with_ca =
+        Agent::start_with_bootstrap(&bootstrap(&format!("ca_cert = '''\n{}'''", pki.ca_pem)));
+    let with_pin = Agent::start_with_bootstrap(&bootstrap(&format!(
+        "ca_sha256 = \"{}\"",
+        pki.leaf_der_sha256
+    )));
+    let stranger = pki_stranger();
+    let wrong_ca =
+        Agent::start_with_bootstrap(&bootstrap(&format!("ca_cert = '''\n{stranger}'''")));
+    let wrong_pin =
+        Agent::start_with_bootstrap(&bootstrap(&format!("ca_sha256 = \"{}\"", "0".repeat(64))));
+
+    for agent in [&with_ca, &with_pin] {
+        wait_for(
+            "an agent to heartbeat over TLS",
+            Duration::from_secs(90),
+            || agent.status()["last_heartbeat_at"].as_i64(),
+        );
+    }
+    for agent in [&wrong_ca, &wrong_pin] {
+        let error = wait_for(
+            "an agent to refuse the server",
+            Duration::from_secs(90),
+            || agent.status()["last_error"].as_str().map(str::to_owned),
+        );
+        assert!(
+            error.contains("certificate") || error.contains("UnknownIssuer"),
+            "{error}"
+        );
+        assert!(agent.status()["device_id"].is_null());
+    }
+}
+
+/// A CA that signed nothing the server presents.
+fn pki_stranger() -> String {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.self_signed(&key).unwrap().pem()
+}
