@@ -3,7 +3,7 @@
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
 musl_target := "x86_64-unknown-linux-musl"
-agent_bin := "target/" + musl_target + "/agent/kernex-agent"
+agent_bin := justfile_directory() / "target" / musl_target / "agent/kernex-agent"
 
 export CC_x86_64_unknown_linux_musl := "musl-gcc"
 

@@ -16,10 +16,10 @@ use serde::de::DeserializeOwned;
 #[derive(Debug)]
 pub struct ApiJson<T>(pub T);
 
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(value)) => Ok(ApiJson(value)),
             Err(JsonRejection::JsonSyntaxError(e)) => {
@@ -31,15 +31,15 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
             Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::UnsupportedMediaType {
                 message: "expected Content-Type: application/json".into(),
             }),
-            Err(JsonRejection::BytesRejection(e)) => Err(body_error(e)),
+            Err(JsonRejection::BytesRejection(e)) => Err(body_error(e, state.settings.body_limit)),
             Err(other) => Err(ApiError::bad_request("invalid_request", other.body_text())),
         }
     }
 }
 
-fn body_error(e: BytesRejection) -> ApiError {
+fn body_error(e: BytesRejection, limit: usize) -> ApiError {
     if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::PayloadTooLarge { limit: 0 }
+        ApiError::PayloadTooLarge { limit }
     } else {
         ApiError::bad_request("invalid_body", e.body_text())
     }
@@ -71,13 +71,9 @@ impl FromRequest<AppState> for SignedBody {
                     ),
                 )
             })?;
-        let limit = state.settings.body_limit;
         let bytes = Bytes::from_request(req, state)
             .await
-            .map_err(|e| match body_error(e) {
-                ApiError::PayloadTooLarge { .. } => ApiError::PayloadTooLarge { limit },
-                other => other,
-            })?;
+            .map_err(|e| body_error(e, state.settings.body_limit))?;
         Ok(SignedBody { bytes, signature })
     }
 }

@@ -115,3 +115,78 @@ pub fn app(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::heartbeat::WriterConfig;
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use tower::ServiceExt as _;
+
+    async fn test_app(dir: &std::path::Path) -> Router {
+        let db = Db::open(None, dir).await.unwrap();
+        let heartbeats = HeartbeatWriter::start(db.clone(), WriterConfig::default());
+        app(AppState::new(
+            db,
+            heartbeats,
+            DeviceTokenKey::new(b"test"),
+            ApiSettings::default(),
+        ))
+    }
+
+    async fn call(app: Router, request: Request<Body>) -> (StatusCode, serde_json::Value) {
+        let response = app.oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn oversized_bodies_get_413_with_a_json_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = test_app(dir.path()).await;
+        let token = DeviceTokenKey::new(b"test").issue(&crate::device_token::DeviceClaims {
+            device_id: "d".into(),
+            tenant_id: "t".into(),
+            expires_at: i64::MAX,
+        });
+        for path in ["/api/v1/enroll", "/api/v1/heartbeat"] {
+            let request = Request::post(path)
+                .header("content-type", "application/json")
+                .header(kernex_protocol::SIGNATURE_HEADER, "x")
+                .header("authorization", format!("Bearer {token}"))
+                .body(Body::from(vec![b' '; 100 * 1024]))
+                .unwrap();
+            let (status, body) = call(app.clone(), request).await;
+            assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{path}: {body}");
+            assert_eq!(body["error"]["code"], "payload_too_large", "{path}");
+            assert_eq!(
+                body["error"]["message"],
+                "request body is larger than the limit of 65536 bytes"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn health_and_readiness() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = test_app(dir.path()).await;
+        let (status, body) = call(
+            app.clone(),
+            Request::get("/readyz").body(Body::empty()).unwrap(),
+        )
+        .await;
+        assert_eq!(
+            (status, body["database"].as_str()),
+            (StatusCode::OK, Some("sqlite"))
+        );
+        let (status, body) = call(app, Request::get("/nowhere").body(Body::empty()).unwrap()).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (StatusCode::NOT_FOUND, Some("not_found"))
+        );
+    }
+}

@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# Heartbeat throughput of kernex-server on SQLite and PostgreSQL for N simulated devices, side by side
+# with a no-op axum endpoint on the same machine, in one run. Devices are seeded by
+# `kernex-server device preauthorize` (real device rows, real HMAC bearer tokens); wrk drives
+# heartbeats round-robin over all of them. Enrollment (RSA signature check) is measured separately.
+#
+# Usage: bench-heartbeat.sh [--devices "10000 100000"] [--duration 10] [--connections 64] [--backends "sqlite postgres"]
+# Writes bench/results/heartbeat-<UTC time>.md and prints the same table.
+set -euo pipefail
+devices="10000 100000"; duration=10; connections=64; backends="sqlite postgres"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --devices) devices=$2; shift 2 ;;
+    --duration) duration=$2; shift 2 ;;
+    --connections) connections=$2; shift 2 ;;
+    --backends) backends=$2; shift 2 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+root=$(pwd)
+server="$root/target/release/kernex-server"
+bench="$root/target/release/kernex-bench"
+work=$(mktemp -d -t kernex-bench.XXXXXX)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+export KERNEX_LOG=warn
+
+pg_admin=""
+if [[ " $backends " == *" postgres "* ]]; then pg_admin=$(scripts/postgres.sh); fi
+
+# start_server OUTFILE ARGS... → sets $url and $pid
+start() {
+  local out=$1; shift
+  "$@" > "$out" &
+  pid=$!; pids+=("$pid")
+  for _ in $(seq 1 200); do grep -q listening "$out" 2>/dev/null && break; sleep 0.05; done
+  url=$(grep -o 'http://[^ ]*' "$out")
+}
+
+rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+
+# run_wrk SCRIPT URL ARG → "ok_per_s p50_ms p99_ms non2xx"
+run_wrk() {
+  local out
+  out=$(wrk -t1 -c"$connections" -d"${duration}s" --latency -s "$1" "$2" -- "$3")
+  local total secs non2xx p50 p99
+  total=$(awk '/requests in/ {print $1}' <<<"$out")
+  secs=$(awk '/requests in/ {gsub(/s,/, "", $4); print $4}' <<<"$out")
+  non2xx=$(awk '/Non-2xx/ {print $5}' <<<"$out"); non2xx=${non2xx:-0}
+  p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
+  p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+  echo "$(( (total - non2xx) * 100 / ${secs%.*}00 * 1 ))" "$p50" "$p99" "$non2xx" | awk -v t="$total" -v s="$secs" -v n="$non2xx" -v a="$p50" -v b="$p99" '{printf "%.0f %s %s %d\n", (t - n) / s, a, b, n}'
+}
+
+rows=()
+start "$work/noop.out" "$bench" noop
+noop_pid=$pid
+noop_tokens="$work/noop-tokens"; echo "x kxnoop" > "$noop_tokens"
+read -r noop_rate noop_p50 noop_p99 _ <<<"$(run_wrk bench/heartbeat.lua "$url" "$noop_tokens")"
+noop_rss=$(rss_kib "$noop_pid")
+kill "$noop_pid"; wait "$noop_pid" 2>/dev/null || true
+rows+=("| no-op axum endpoint | - | $noop_rate | $noop_p50 | $noop_p99 | 0 | $((noop_rss / 1024)) MiB | - | 1.00 |")
+
+for backend in $backends; do
+  for n in $devices; do
+    dir="$work/$backend-$n"; mkdir -p "$dir"
+    storage=(--data-dir "$dir/data")
+    if [ "$backend" = postgres ]; then
+      db="kx_bench_$n"
+      psql "$pg_admin" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" -qc "CREATE DATABASE $db" >/dev/null
+      storage+=(--database "${pg_admin%/*}/$db")
+    fi
+    "$server" "${storage[@]}" tenant create bench >/dev/null
+    seed_start=$(date +%s.%N)
+    "$server" "${storage[@]}" device preauthorize --tenant bench --count "$n" --out "$dir/tokens" 2>/dev/null
+    seed_s=$(echo "$(date +%s.%N) - $seed_start" | bc)
+    start "$dir/server.out" "$server" "${storage[@]}" serve --listen 127.0.0.1:0 --heartbeat-interval 60s
+    server_pid=$pid
+    idle_rss=$(rss_kib "$server_pid")
+    read -r rate p50 p99 non2xx <<<"$(run_wrk bench/heartbeat.lua "$url" "$dir/tokens")"
+    rss=$(rss_kib "$server_pid")
+    ratio=$(echo "scale=2; $rate / $noop_rate" | bc)
+    per_device=$(echo "scale=1; ($rss - $idle_rss) * 1024 / $n" | bc)
+    rows+=("| kernex-server $backend | $n | $rate | $p50 | $p99 | $non2xx | $((rss / 1024)) MiB | $per_device B | $ratio |")
+    seeds+=("$backend $n devices seeded in ${seed_s%???????} s")
+    if [ "$n" = "${devices%% *}" ]; then
+      token=$("$server" "${storage[@]}" token create --tenant bench)
+      "$bench" enroll-body --tenant bench --token "$token" --out "$dir/enroll"
+      curl -fsS -o /dev/null -X POST -H 'content-type: application/json' \
+        -H "kernex-signature: $(cat "$dir/enroll/signature")" --data-binary @"$dir/enroll/body.json" "$url/api/v1/enroll"
+      read -r erate ep50 ep99 enon <<<"$(run_wrk bench/enroll.lua "$url" "$dir/enroll")"
+      enrolls+=("| $backend | $erate | $ep50 | $ep99 | $enon |")
+    fi
+    kill "$server_pid"; wait "$server_pid" 2>/dev/null || true
+  done
+done
+
+out="bench/results/heartbeat-$(date -u +%Y%m%dT%H%M%SZ).md"
+{
+  echo "# Heartbeat benchmark, $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo
+  echo "$(nproc) cores, wrk -t1 -c$connections -d${duration}s on loopback; server in release mode; SQLite synchronous=FULL."
+  echo "RSS per device = (RSS after the run - RSS at start) / devices."
+  echo
+  echo "| target | devices | heartbeats/s (2xx) | p50 | p99 | non-2xx | server RSS | RSS per device | ratio to no-op |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+  printf '%s\n' "${rows[@]}"
+  echo
+  echo "Enrollment (replayed signed body, idempotent path: RSA-4096 verification + lookups):"
+  echo
+  echo "| backend | enrollments/s | p50 | p99 | non-2xx |"
+  echo "| --- | --- | --- | --- | --- |"
+  printf '%s\n' "${enrolls[@]}"
+  echo
+  printf -- '- %s\n' "${seeds[@]}"
+} > "$out"
+cat "$out"
+echo
+echo "written to $out"
