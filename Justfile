@@ -20,11 +20,14 @@ build:
     cargo build --workspace --bins --tests
 
 # The static musl agent, as shipped; checks it is static and prints its size and idle memory.
-agent:
-    cargo build -p kernex-agent --profile agent --target {{musl_target}}
-    @file {{agent_bin}} | tee /dev/stderr | grep -q "static" || { echo "kernex-agent is not static" >&2; exit 1; }
-    @echo "kernex-agent (static musl, stripped): $(stat -c %s {{agent_bin}} | numfmt --to=iec-i --suffix=B)"
+agent: agent-binary
     scripts/agent-footprint.sh {{agent_bin}}
+
+# Only build the static musl agent and check that it is static.
+agent-binary:
+    cargo build -p kernex-agent --profile agent --target {{musl_target}}
+    @out=$(file {{agent_bin}}); echo "$out"; grep -q "static" <<<"$out" || { echo "kernex-agent is not static" >&2; exit 1; }
+    @echo "kernex-agent (static musl, stripped): $(stat -c %s {{agent_bin}}) bytes"
 
 # Formatting and lints, as CI runs them.
 lint:
@@ -34,12 +37,19 @@ lint:
 # Everything CI runs: lints, unit tests, integration tests on SQLite and PostgreSQL with the musl agent.
 test: lint build agent
     cargo test --workspace --exclude kernex-tests
-    KERNEX_AGENT_BIN={{agent_bin}} cargo test -p kernex-tests --test integration
-    just test-postgres
+    just _integration sqlite
+    just _integration postgres
 
 # The integration suite against a real PostgreSQL (started here if it is not running).
-test-postgres: build agent
-    KERNEX_TEST_POSTGRES="$(scripts/postgres.sh)" KERNEX_AGENT_BIN={{agent_bin}} cargo test -p kernex-tests --test integration
+test-postgres: build agent-binary
+    just _integration postgres
+
+# The integration suite on one backend, with the shipped (musl) agent.
+[private]
+_integration backend:
+    @echo "==> integration tests on {{backend}}"
+    {{ if backend == "postgres" { "export KERNEX_TEST_POSTGRES=\"$(scripts/postgres.sh)\";" } else { "" } }} \
+      KERNEX_AGENT_BIN={{agent_bin}} cargo test -p kernex-tests --test integration
 
 # Heartbeat throughput against SQLite and PostgreSQL, side by side with a no-op endpoint.
 bench-heartbeat *ARGS:
