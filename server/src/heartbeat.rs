@@ -3,12 +3,16 @@
 //! arrived while the previous commit was running. Nothing waits on a timer: under light load a
 //! batch is one beat, under heavy load it grows by itself.
 //!
+//! On PostgreSQL several writers commit concurrently; should two batches ever deadlock on the same
+//! device rows, PostgreSQL aborts one and its beats are answered 503 (agents retry).
+//!
 //! When the queue is full the handler answers `503 overloaded` with `Retry-After` at once instead
 //! of queueing without bound; agents back off and come back.
 
 use crate::db::{now_ms, with_pool, Db};
 use crate::error::ApiError;
 use kernex_protocol::wire::{CommandAck, CommandOutcome, DeviceCommand, MAX_COMMAND_OUTPUT};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, Mutex};
 
@@ -99,8 +103,6 @@ async fn run_writer(db: Db, receiver: Arc<Mutex<mpsc::Receiver<(Beat, Reply)>>>,
                 return; // every sender is gone: the server is shutting down
             }
         }
-        // A consistent lock order across concurrent PostgreSQL writers: no deadlocks.
-        batch.sort_by(|a, b| a.0.device_id.cmp(&b.0.device_id));
         let now = now_ms();
         match write_batch(&db, &batch, now).await {
             Ok(outcomes) => {
@@ -118,36 +120,72 @@ async fn run_writer(db: Db, receiver: Arc<Mutex<mpsc::Receiver<(Beat, Reply)>>>,
     }
 }
 
+/// Rows per multi-row statement: far below both backends' bound-parameter limits.
+const ROWS_PER_STATEMENT: usize = 1_000;
+
+/// `$first, $first+1, ...` for `count` placeholders.
+fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Commits every beat of `batch` in one transaction and returns one outcome per beat, in order.
+///
+/// The statements are per batch, not per beat: one multi-row UPDATE stores every beat, one SELECT
+/// finds the open commands of every device in the batch. Acks (rare) are per command.
 async fn write_batch(
     db: &Db,
     batch: &[(Beat, Reply)],
     now: i64,
 ) -> Result<Vec<BeatOutcome>, sqlx::Error> {
+    // A device that beat twice in one batch is stored once, from its latest beat.
+    let mut latest: std::collections::BTreeMap<&str, &Beat> = std::collections::BTreeMap::new();
+    for (beat, _) in batch {
+        latest.insert(beat.device_id.as_str(), beat);
+    }
+    let beats: Vec<&Beat> = latest.into_values().collect();
+    let mut stored: HashSet<String> = HashSet::with_capacity(beats.len());
+    let mut existing: HashSet<String> = HashSet::new();
+    let mut deregistered_now: HashSet<String> = HashSet::new();
+    let mut open: HashMap<String, Vec<DeviceCommand>> = HashMap::new();
     with_pool!(db, pool => {
         let mut tx = pool.begin().await?;
-        let mut outcomes = Vec::with_capacity(batch.len());
-        for (beat, _) in batch {
-            // The write comes first so SQLite takes its write lock at once (no read-then-upgrade).
-            let stored = sqlx::query(
-                "UPDATE devices SET last_heartbeat = $1, interval_s = $2, agent_version = $3, telemetry = $4
-                 WHERE id = $5 AND deregistered_at IS NULL")
-                .bind(now)
-                .bind(i64::from(beat.interval_s))
-                .bind(&beat.agent_version)
-                .bind(&beat.telemetry_json)
-                .bind(&beat.device_id)
-                .execute(&mut *tx)
-                .await?;
-            if stored.rows_affected() == 0 {
-                let exists: Option<String> = sqlx::query_scalar("SELECT id FROM devices WHERE id = $1")
-                    .bind(&beat.device_id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                outcomes.push(if exists.is_some() { BeatOutcome::Deregistered } else { BeatOutcome::UnknownDevice });
-                continue;
+        // The write comes first so SQLite takes its write lock at once (no read-then-upgrade).
+        for chunk in beats.chunks(ROWS_PER_STATEMENT) {
+            let rows: Vec<String> = (0..chunk.len())
+                .map(|i| {
+                    let p = i * 4 + 2;
+                    format!("(${}, CAST(${} AS BIGINT), ${}, ${})", p, p + 1, p + 2, p + 3)
+                })
+                .collect();
+            let sql = format!(
+                "UPDATE devices SET last_heartbeat = $1, interval_s = v.column2, agent_version = v.column3,
+                 telemetry = v.column4 FROM (VALUES {}) AS v
+                 WHERE devices.id = v.column1 AND devices.deregistered_at IS NULL RETURNING devices.id",
+                rows.join(", ")
+            );
+            let mut query = sqlx::query_scalar::<_, String>(&sql).bind(now);
+            for beat in chunk {
+                query = query
+                    .bind(beat.device_id.as_str())
+                    .bind(i64::from(beat.interval_s))
+                    .bind(beat.agent_version.as_str())
+                    .bind(beat.telemetry_json.as_str());
             }
-            let mut deregistered = false;
+            stored.extend(query.fetch_all(&mut *tx).await?);
+        }
+        let missing: Vec<&str> = beats.iter().map(|b| b.device_id.as_str()).filter(|id| !stored.contains(*id)).collect();
+        if !missing.is_empty() {
+            let sql = format!("SELECT id FROM devices WHERE id IN ({})", placeholders(1, missing.len()));
+            let mut query = sqlx::query_scalar::<_, String>(&sql);
+            for id in &missing {
+                query = query.bind(*id);
+            }
+            existing.extend(query.fetch_all(&mut *tx).await?);
+        }
+        for beat in beats.iter().filter(|b| stored.contains(&b.device_id)) {
             for ack in &beat.acks {
                 let state = match ack.outcome {
                     CommandOutcome::Succeeded => "succeeded",
@@ -169,42 +207,60 @@ async fn write_batch(
                         .bind(&beat.device_id)
                         .execute(&mut *tx)
                         .await?;
-                    deregistered = true;
+                    deregistered_now.insert(beat.device_id.clone());
                 }
             }
-            if deregistered {
-                outcomes.push(BeatOutcome::Deregistered);
-                continue;
+        }
+        let live: Vec<&str> = stored.iter().map(String::as_str).filter(|id| !deregistered_now.contains(*id)).collect();
+        let mut delivered: Vec<String> = Vec::new();
+        for chunk in live.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "SELECT device_id, id, kind, args FROM commands
+                 WHERE device_id IN ({}) AND state IN ('queued', 'delivered') ORDER BY created_at, id",
+                placeholders(1, chunk.len())
+            );
+            let mut query = sqlx::query_as::<_, (String, String, String, String)>(&sql);
+            for id in chunk {
+                query = query.bind(*id);
             }
-            let open: Vec<(String, String, String)> = sqlx::query_as(
-                "SELECT id, kind, args FROM commands WHERE device_id = $1 AND state IN ('queued', 'delivered')
-                 ORDER BY created_at, id")
-                .bind(&beat.device_id)
-                .fetch_all(&mut *tx)
-                .await?;
-            // Mark exactly what is sent: a command queued meanwhile stays `queued` for the next beat.
-            for (id, _, _) in &open {
-                sqlx::query(
-                    "UPDATE commands SET state = 'delivered', delivered_at = COALESCE(delivered_at, $1),
-                     deliveries = deliveries + 1 WHERE id = $2")
-                    .bind(now)
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await?;
+            for (device_id, id, kind, args) in query.fetch_all(&mut *tx).await? {
+                delivered.push(id.clone());
+                let args = serde_json::from_str(&args).unwrap_or(serde_json::Value::Null);
+                open.entry(device_id).or_default().push(DeviceCommand { id, kind, args });
             }
-            let commands = open
-                .into_iter()
-                .map(|(id, kind, args)| DeviceCommand {
-                    id,
-                    kind,
-                    args: serde_json::from_str(&args).unwrap_or(serde_json::Value::Null),
-                })
-                .collect();
-            outcomes.push(BeatOutcome::Accepted { commands });
+        }
+        // Mark exactly what is sent: a command queued meanwhile stays `queued` for the next beat.
+        for chunk in delivered.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "UPDATE commands SET state = 'delivered', delivered_at = COALESCE(delivered_at, $1),
+                 deliveries = deliveries + 1 WHERE id IN ({})",
+                placeholders(2, chunk.len())
+            );
+            let mut query = sqlx::query(&sql).bind(now);
+            for id in chunk {
+                query = query.bind(id.as_str());
+            }
+            query.execute(&mut *tx).await?;
         }
         tx.commit().await?;
-        Ok(outcomes)
-    })
+        Ok::<_, sqlx::Error>(())
+    })?;
+    Ok(batch
+        .iter()
+        .map(|(beat, _)| {
+            if deregistered_now.contains(&beat.device_id) {
+                BeatOutcome::Deregistered
+            } else if stored.contains(&beat.device_id) {
+                BeatOutcome::Accepted {
+                    commands: open.get(&beat.device_id).cloned().unwrap_or_default(),
+                }
+            } else if existing.contains(&beat.device_id) {
+                BeatOutcome::Deregistered
+            } else {
+                BeatOutcome::UnknownDevice
+            }
+        })
+        .collect())
 }
 
 /// At most `max` bytes of `s`, cut at a character boundary.

@@ -131,13 +131,8 @@ fn malformed_requests_get_clear_errors() {
         "{body}"
     );
 
-    let huge = vec![b' '; 100 * 1024];
-    let (status, body) = post_signed(&server.url, "/enroll", &huge, key(0));
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (413, Some("payload_too_large")),
-        "{body}"
-    );
+    // 413 is tested in-process (server/src/api/mod.rs): over a socket the server answers before the
+    // client has finished sending, and whether the client reads the answer or a reset is a race.
 
     // A body signed by a different key than the one it carries.
     let body = serde_json::to_vec(&enroll_request("acme", &token, "hw", key(0))).unwrap();

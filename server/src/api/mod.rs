@@ -112,8 +112,37 @@ pub fn app(state: AppState) -> Router {
                 message: "method not allowed on this route".into(),
             }
         })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            read_whole_body,
+        ))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
+}
+
+/// Reads the request body (up to the limit) before any handler or extractor runs. A request refused
+/// early (no API key, no signature) would otherwise be answered while its body is unread, and the
+/// connection closed under a client still sending: it sees a broken pipe instead of the error.
+async fn read_whole_body(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let (parts, body) = request.into_parts();
+    match axum::body::to_bytes(body, state.settings.body_limit).await {
+        Ok(bytes) => {
+            next.run(axum::extract::Request::from_parts(
+                parts,
+                axum::body::Body::from(bytes),
+            ))
+            .await
+        }
+        Err(_) => ApiError::PayloadTooLarge {
+            limit: state.settings.body_limit,
+        }
+        .into_response(),
+    }
 }
 
 #[cfg(test)]
