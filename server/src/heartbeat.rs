@@ -73,6 +73,7 @@ impl HeartbeatWriter {
             Db::Sqlite(_) => 1,
             Db::Postgres(_) => 4,
         };
+        let db = db.heartbeat_writer_pool();
         for _ in 0..writers {
             tokio::spawn(run_writer(db.clone(), receiver.clone(), config.max_batch));
         }
@@ -120,21 +121,62 @@ async fn run_writer(db: Db, receiver: Arc<Mutex<mpsc::Receiver<(Beat, Reply)>>>,
     }
 }
 
-/// Rows per multi-row statement: far below both backends' bound-parameter limits.
-const ROWS_PER_STATEMENT: usize = 1_000;
+/// The SQL of the per-batch statements. The batch travels as one JSON parameter, so each statement
+/// has one fixed text (prepared once, cached) whatever the batch size; the JSON-to-rows function is
+/// the one place where the two dialects differ.
+struct BatchSql {
+    store: &'static str,
+    existing: &'static str,
+    open_commands: &'static str,
+    mark_delivered: &'static str,
+}
 
-/// `$first, $first+1, ...` for `count` placeholders.
-fn placeholders(first: usize, count: usize) -> String {
-    (first..first + count)
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+const SQLITE_BATCH: BatchSql = BatchSql {
+    store: "UPDATE devices SET last_heartbeat = $1, interval_s = v.interval_s, agent_version = v.agent_version,
+            telemetry = v.telemetry
+            FROM (SELECT value ->> 'id' AS id, value ->> 'interval_s' AS interval_s,
+                         value ->> 'agent_version' AS agent_version, value ->> 'telemetry' AS telemetry
+                  FROM json_each($2)) AS v
+            WHERE devices.id = v.id AND devices.deregistered_at IS NULL RETURNING devices.id",
+    existing: "SELECT id FROM devices WHERE id IN (SELECT value FROM json_each($1))",
+    open_commands: "SELECT device_id, id, kind, args FROM commands
+            WHERE device_id IN (SELECT value FROM json_each($1)) AND state IN ('queued', 'delivered')
+            ORDER BY created_at, id",
+    mark_delivered: "UPDATE commands SET state = 'delivered', delivered_at = COALESCE(delivered_at, $1),
+            deliveries = deliveries + 1 WHERE id IN (SELECT value FROM json_each($2))",
+};
+
+const POSTGRES_BATCH: BatchSql = BatchSql {
+    store: "UPDATE devices SET last_heartbeat = $1, interval_s = v.interval_s, agent_version = v.agent_version,
+            telemetry = v.telemetry
+            FROM jsonb_to_recordset($2::text::jsonb) AS v(id text, interval_s bigint, agent_version text, telemetry text)
+            WHERE devices.id = v.id AND devices.deregistered_at IS NULL RETURNING devices.id",
+    existing: "SELECT id FROM devices WHERE id IN (SELECT jsonb_array_elements_text($1::text::jsonb))",
+    open_commands: "SELECT device_id, id, kind, args FROM commands
+            WHERE device_id IN (SELECT jsonb_array_elements_text($1::text::jsonb)) AND state IN ('queued', 'delivered')
+            ORDER BY created_at, id",
+    mark_delivered: "UPDATE commands SET state = 'delivered', delivered_at = COALESCE(delivered_at, $1),
+            deliveries = deliveries + 1 WHERE id IN (SELECT jsonb_array_elements_text($2::text::jsonb))",
+};
+
+/// One row of the batch as the `store` statement reads it.
+#[derive(serde::Serialize)]
+struct StoredBeat<'a> {
+    id: &'a str,
+    interval_s: u32,
+    agent_version: &'a str,
+    telemetry: &'a str,
+}
+
+fn json_array<T: serde::Serialize>(items: &[T]) -> String {
+    serde_json::to_string(items).expect("batch rows serialize")
 }
 
 /// Commits every beat of `batch` in one transaction and returns one outcome per beat, in order.
 ///
-/// The statements are per batch, not per beat: one multi-row UPDATE stores every beat, one SELECT
-/// finds the open commands of every device in the batch. Acks (rare) are per command.
+/// The statements are per batch, not per beat: one UPDATE stores every beat, one SELECT finds the
+/// open commands of every device in the batch, one UPDATE marks them delivered. Acks (rare) are per
+/// command.
 async fn write_batch(
     db: &Db,
     batch: &[(Beat, Reply)],
@@ -146,6 +188,19 @@ async fn write_batch(
         latest.insert(beat.device_id.as_str(), beat);
     }
     let beats: Vec<&Beat> = latest.into_values().collect();
+    let rows: Vec<StoredBeat<'_>> = beats
+        .iter()
+        .map(|b| StoredBeat {
+            id: &b.device_id,
+            interval_s: b.interval_s,
+            agent_version: &b.agent_version,
+            telemetry: &b.telemetry_json,
+        })
+        .collect();
+    let sql = match db {
+        Db::Sqlite(_) => &SQLITE_BATCH,
+        Db::Postgres(_) => &POSTGRES_BATCH,
+    };
     let mut stored: HashSet<String> = HashSet::with_capacity(beats.len());
     let mut existing: HashSet<String> = HashSet::new();
     let mut deregistered_now: HashSet<String> = HashSet::new();
@@ -153,37 +208,21 @@ async fn write_batch(
     with_pool!(db, pool => {
         let mut tx = pool.begin().await?;
         // The write comes first so SQLite takes its write lock at once (no read-then-upgrade).
-        for chunk in beats.chunks(ROWS_PER_STATEMENT) {
-            let rows: Vec<String> = (0..chunk.len())
-                .map(|i| {
-                    let p = i * 4 + 2;
-                    format!("(${}, CAST(${} AS BIGINT), ${}, ${})", p, p + 1, p + 2, p + 3)
-                })
-                .collect();
-            let sql = format!(
-                "UPDATE devices SET last_heartbeat = $1, interval_s = v.column2, agent_version = v.column3,
-                 telemetry = v.column4 FROM (VALUES {}) AS v
-                 WHERE devices.id = v.column1 AND devices.deregistered_at IS NULL RETURNING devices.id",
-                rows.join(", ")
-            );
-            let mut query = sqlx::query_scalar::<_, String>(&sql).bind(now);
-            for beat in chunk {
-                query = query
-                    .bind(beat.device_id.as_str())
-                    .bind(i64::from(beat.interval_s))
-                    .bind(beat.agent_version.as_str())
-                    .bind(beat.telemetry_json.as_str());
-            }
-            stored.extend(query.fetch_all(&mut *tx).await?);
-        }
+        stored.extend(
+            sqlx::query_scalar::<_, String>(sql.store)
+                .bind(now)
+                .bind(json_array(&rows))
+                .fetch_all(&mut *tx)
+                .await?,
+        );
         let missing: Vec<&str> = beats.iter().map(|b| b.device_id.as_str()).filter(|id| !stored.contains(*id)).collect();
         if !missing.is_empty() {
-            let sql = format!("SELECT id FROM devices WHERE id IN ({})", placeholders(1, missing.len()));
-            let mut query = sqlx::query_scalar::<_, String>(&sql);
-            for id in &missing {
-                query = query.bind(*id);
-            }
-            existing.extend(query.fetch_all(&mut *tx).await?);
+            existing.extend(
+                sqlx::query_scalar::<_, String>(sql.existing)
+                    .bind(json_array(&missing))
+                    .fetch_all(&mut *tx)
+                    .await?,
+            );
         }
         for beat in beats.iter().filter(|b| stored.contains(&b.device_id)) {
             for ack in &beat.acks {
@@ -213,34 +252,24 @@ async fn write_batch(
         }
         let live: Vec<&str> = stored.iter().map(String::as_str).filter(|id| !deregistered_now.contains(*id)).collect();
         let mut delivered: Vec<String> = Vec::new();
-        for chunk in live.chunks(ROWS_PER_STATEMENT) {
-            let sql = format!(
-                "SELECT device_id, id, kind, args FROM commands
-                 WHERE device_id IN ({}) AND state IN ('queued', 'delivered') ORDER BY created_at, id",
-                placeholders(1, chunk.len())
-            );
-            let mut query = sqlx::query_as::<_, (String, String, String, String)>(&sql);
-            for id in chunk {
-                query = query.bind(*id);
-            }
-            for (device_id, id, kind, args) in query.fetch_all(&mut *tx).await? {
+        if !live.is_empty() {
+            let rows = sqlx::query_as::<_, (String, String, String, String)>(sql.open_commands)
+                .bind(json_array(&live))
+                .fetch_all(&mut *tx)
+                .await?;
+            for (device_id, id, kind, args) in rows {
                 delivered.push(id.clone());
                 let args = serde_json::from_str(&args).unwrap_or(serde_json::Value::Null);
                 open.entry(device_id).or_default().push(DeviceCommand { id, kind, args });
             }
         }
         // Mark exactly what is sent: a command queued meanwhile stays `queued` for the next beat.
-        for chunk in delivered.chunks(ROWS_PER_STATEMENT) {
-            let sql = format!(
-                "UPDATE commands SET state = 'delivered', delivered_at = COALESCE(delivered_at, $1),
-                 deliveries = deliveries + 1 WHERE id IN ({})",
-                placeholders(2, chunk.len())
-            );
-            let mut query = sqlx::query(&sql).bind(now);
-            for id in chunk {
-                query = query.bind(id.as_str());
-            }
-            query.execute(&mut *tx).await?;
+        if !delivered.is_empty() {
+            sqlx::query(sql.mark_delivered)
+                .bind(now)
+                .bind(json_array(&delivered))
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         Ok::<_, sqlx::Error>(())
