@@ -1,0 +1,169 @@
+//! The whole chain under QEMU: kernex-server on loopback → `imagebuilder build` from the stand-in
+//! base ISO (qemu/build-standin.sh; `KERNEX_STANDIN_ISO` points at it) → the ISO booted with BIOS
+//! and with UEFI (OVMF), both at once → each appliance installs itself from the NoCloud seed, starts
+//! the agent, enrolls and heartbeats with telemetry, as seen through the REST API.
+//!
+//! QEMU runs with `-accel tcg` (no KVM here); RSA-4096 key generation alone takes 5-30 s in such a
+//! guest, so every wait is generous but bounded. Serial logs are kept on failure (the path is printed).
+
+#![allow(clippy::unwrap_used)]
+
+use kernex_tests::{binary, wait_for, Server};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// Where Debian's OVMF firmware lives.
+const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
+
+struct Guest {
+    child: Child,
+    serial: PathBuf,
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn boot(iso: &Path, firmware: &str, serial: PathBuf) -> Guest {
+    let mut command = Command::new("qemu-system-x86_64");
+    command
+        .args([
+            "-accel",
+            "tcg",
+            "-m",
+            "1024",
+            "-smp",
+            "1",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .args(["-nic", "user,model=e1000"])
+        .arg("-cdrom")
+        .arg(iso)
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    if firmware == "uefi" {
+        command.args(["-bios", OVMF]);
+    }
+    Guest {
+        child: command
+            .spawn()
+            .expect("starting qemu-system-x86_64 (apt-get install qemu-system-x86 ovmf)"),
+        serial,
+    }
+}
+
+#[test]
+fn tenant_iso_boots_with_bios_and_uefi_and_the_appliances_enroll() {
+    let standin = PathBuf::from(
+        std::env::var_os("KERNEX_STANDIN_ISO")
+            .expect("KERNEX_STANDIN_ISO: build the stand-in base with `just standin`"),
+    );
+    assert!(
+        standin.is_file(),
+        "{} missing: `just standin` builds it",
+        standin.display()
+    );
+    let server = Server::start_with(&["--heartbeat-interval", "5s"]);
+    let api = server.tenant("acme");
+    let token = server.token("acme", &["--uses", "2"]);
+
+    let work = tempfile::Builder::new()
+        .prefix("kernex-qemu-")
+        .tempdir()
+        .unwrap();
+    let tenants = work.path().join("tenants");
+    std::fs::create_dir(&tenants).unwrap();
+    // The guest reaches the host's loopback at 10.0.2.2 (QEMU user networking).
+    std::fs::write(
+        tenants.join("acme.toml"),
+        format!(
+            "server_url = \"http://10.0.2.2:{}\"\ntoken_file = \"acme.token\"\n",
+            server.port
+        ),
+    )
+    .unwrap();
+    std::fs::write(tenants.join("acme.token"), &token).unwrap();
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let out = Command::new(binary("imagebuilder"))
+        .current_dir(workspace)
+        .args(["build", "--tenant", "acme", "--base"])
+        .arg(&standin)
+        .arg("--tenants-dir")
+        .arg(&tenants)
+        .arg("--out")
+        .arg(work.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "imagebuilder build: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let iso = work.path().join("acme.iso");
+
+    let guests = [
+        boot(&iso, "bios", work.path().join("bios.serial")),
+        boot(&iso, "uefi", work.path().join("uefi.serial")),
+    ];
+    let keep_logs = KeepOnPanic(work);
+    let devices = wait_for(
+        "both appliances to enroll and heartbeat with telemetry",
+        Duration::from_secs(600),
+        || {
+            let devices = api.devices();
+            let ready = devices.len() == 2
+                && devices.iter().all(|d| {
+                    d["status"] == "online" && d["telemetry"]["mem_total_bytes"].as_u64() > Some(0)
+                });
+            ready.then_some(devices)
+        },
+    );
+    for guest in &guests {
+        let log = String::from_utf8_lossy(&std::fs::read(&guest.serial).unwrap()).into_owned();
+        assert!(
+            log.contains("standin: install finished"),
+            "{}:\n{log}",
+            guest.serial.display()
+        );
+        assert!(
+            log.contains("standin: started kernex-agent.service"),
+            "{}:\n{log}",
+            guest.serial.display()
+        );
+    }
+    let hardware: std::collections::HashSet<_> = devices
+        .iter()
+        .map(|d| d["hardware_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        hardware.len(),
+        2,
+        "two appliances, two identities: {devices:?}"
+    );
+    drop(guests);
+    keep_logs.disarm();
+}
+
+/// Keeps the work directory (ISO, serial logs) when the test fails, and says where.
+struct KeepOnPanic(tempfile::TempDir);
+
+impl KeepOnPanic {
+    fn disarm(self) {}
+}
+
+impl Drop for KeepOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let path = std::mem::replace(&mut self.0, tempfile::tempdir().unwrap()).keep();
+            eprintln!("serial logs and ISO kept in {}", path.display());
+        }
+    }
+}
