@@ -4,6 +4,7 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 
 musl_target := "x86_64-unknown-linux-musl"
 agent_bin := justfile_directory() / "target" / musl_target / "agent/kernex-agent"
+standin_iso := justfile_directory() / "target/qemu/standin.iso"
 
 export CC_x86_64_unknown_linux_musl := "musl-gcc"
 
@@ -34,11 +35,38 @@ lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
 
-# Everything CI runs: lints, unit tests, integration tests on SQLite and PostgreSQL with the musl agent.
+# Everything CI runs: lints, unit tests, integration tests on SQLite and PostgreSQL with the musl
+# agent, then the QEMU chain (tenant ISO booted with BIOS and UEFI, appliances enroll).
 test: lint build agent
     cargo test --workspace --exclude kernex-tests
     just _integration sqlite
     just _integration postgres
+    just test-qemu
+
+# The stand-in base ISO (Ubuntu live-server layout, built from Debian packages); rebuilt only when
+# qemu/build-standin.sh or qemu/initramfs/ change.
+standin:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    inputs=$(cat qemu/build-standin.sh qemu/initramfs/* | sha256sum | cut -c1-16)
+    if [ -f "{{standin_iso}}" ] && [ "$(cat "{{standin_iso}}.inputs" 2>/dev/null)" = "$inputs" ]; then
+      echo "stand-in ISO {{standin_iso}} is up to date"
+      exit 0
+    fi
+    qemu/build-standin.sh "{{standin_iso}}"
+    echo "$inputs" > "{{standin_iso}}.inputs"
+
+# The whole chain under QEMU: server, imagebuilder, BIOS + UEFI boots, enrollment.
+test-qemu: build agent-binary standin
+    KERNEX_STANDIN_ISO={{standin_iso}} KERNEX_AGENT_BIN={{agent_bin}} cargo test -p kernex-tests --test qemu
+
+# The stand-in's own boot checks: BIOS, UEFI, USB stick, hard disk, failing late-command (slow).
+boot-check: standin
+    BOOTCHECK_DIR={{justfile_directory()}}/target/qemu qemu/boot-check.sh {{standin_iso}}
+
+# Build a tenant ISO, e.g. `just iso example /path/to/ubuntu-24.04.1-live-server-amd64.iso`.
+iso tenant base *ARGS: agent-binary
+    cargo run -q -p imagebuilder -- build --tenant {{tenant}} --base {{base}} --agent {{agent_bin}} {{ARGS}}
 
 # The integration suite against a real PostgreSQL (started here if it is not running).
 test-postgres: build agent-binary
