@@ -4,17 +4,14 @@
 //! output directory (mode 0600: it carries a secret) and renamed into place only when complete, so a
 //! failure (bad input, full disk) leaves nothing behind.
 
-use crate::render::{patch_grub_cfg, render, Seed, Templates};
+use crate::render::{render, Templates};
 use crate::tenant::Tenant;
-use crate::{iso, validate};
+use crate::{iso, prepared, validate};
 use anyhow::Context as _;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
-
-/// Menu timeout of the remastered ISO, in seconds: zero touch, but a technician can still pick.
-const GRUB_TIMEOUT_S: u32 = 3;
 
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
@@ -28,6 +25,8 @@ pub struct BuildOptions {
     /// Files laid into the installed system (the systemd unit); tenant overlays come on top.
     pub overlays: PathBuf,
     pub templates: Templates,
+    /// Where prepared ISOs are kept between builds; `None` prepares one for this build only.
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// The JSON build record: every input's hash, the tools, what was checked. No secrets.
@@ -45,6 +44,16 @@ pub struct BuildRecord {
     pub validation: validate::Validation,
     pub boot_records: String,
     pub source_date_epoch: i64,
+    pub prepared: PreparedInfo,
+}
+
+/// Which prepared ISO the tenant ISO was copied from.
+#[derive(Debug, Clone, Serialize)]
+pub struct PreparedInfo {
+    /// SHA-256 over the base's and agent's hashes, the overlays and the kernel arguments.
+    pub key: String,
+    /// True when it came from the cache (the build cost one copy).
+    pub reused: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -120,29 +129,16 @@ pub fn build(options: &BuildOptions) -> anyhow::Result<BuildRecord> {
             );
         }
     }
+    if !options.out_dir.is_dir() {
+        anyhow::bail!(
+            "output directory {} does not exist",
+            options.out_dir.display()
+        );
+    }
     iso::check_ubuntu_layout(&options.base)?;
     let agent_version = check_agent(&options.agent)?;
     let token = tenant.bootstrap_token()?;
     let seed = render(&options.templates, &tenant, &token)?;
-    let validation = validate::validate_user_data(&seed.user_data, &seed.meta_data)?;
-
-    let stage = tempfile::Builder::new()
-        .prefix(".imagebuilder-")
-        .tempdir_in(&options.out_dir)
-        .with_context(|| {
-            format!(
-                "creating a staging directory in {} (does it exist and is it writable?)",
-                options.out_dir.display()
-            )
-        })?;
-    let extracted = iso::extract(
-        &options.base,
-        &["/boot/grub/grub.cfg", "/md5sum.txt"],
-        stage.path(),
-    )?;
-    let grub = std::fs::read_to_string(&extracted[0]).context("reading the base's grub.cfg")?;
-    let grub = patch_grub_cfg(&grub, &seed.kernel_args, GRUB_TIMEOUT_S)
-        .with_context(|| format!("base ISO {}: /boot/grub/grub.cfg", options.base.display()))?;
     let manifest = IsoManifest {
         tenant: name.clone(),
         server_url: tenant.server_url.clone(),
@@ -150,41 +146,26 @@ pub fn build(options: &BuildOptions) -> anyhow::Result<BuildRecord> {
         agent_version: agent_version.clone(),
         templates_sha256: options.templates.hash(),
     };
+    let slots = prepared::fill_slots(&seed, &manifest)?;
+    // What the installer reads is the padded text: validate exactly that.
+    let validation = validate::validate_user_data(&slots[0].1, &slots[1].1)?;
     let mut overlay_dirs = vec![options.overlays.clone()];
     overlay_dirs.extend(tenant.overlays.iter().cloned());
-    let staged = stage_files(
-        stage.path(),
-        &seed,
-        &grub,
-        &manifest,
-        &options.agent,
-        &overlay_dirs,
-    )?;
-    let md5 = update_md5sums(
-        &std::fs::read_to_string(&extracted[1]).context("reading the base's md5sum.txt")?,
-        &staged,
-    )?;
-    std::fs::write(stage.path().join("md5sum.txt"), md5).context("writing md5sum.txt")?;
+    let spec = prepared::PrepareSpec {
+        base: &options.base,
+        agent: &options.agent,
+        overlays: &overlay_dirs,
+        kernel_args: &seed.kernel_args,
+    };
+    let prepared = prepared::obtain(options.cache_dir.as_deref(), &spec)?;
 
-    let epoch = iso::volume_epoch(&options.base)?;
-    set_mtimes(stage.path(), epoch)?;
     let tmp = options
         .out_dir
         .join(format!(".{name}.iso.tmp-{}", std::process::id()));
     let guard = TempOutput(Some(tmp.clone()));
     create_private(&tmp)?;
-    let maps = vec![
-        (stage.path().join("nocloud"), "/nocloud".to_owned()),
-        (stage.path().join("kernex"), "/kernex".to_owned()),
-        (
-            stage.path().join("grub.cfg"),
-            "/boot/grub/grub.cfg".to_owned(),
-        ),
-        (stage.path().join("md5sum.txt"), "/md5sum.txt".to_owned()),
-    ];
-    iso::remaster(&options.base, &tmp, &maps, epoch)?;
-    let boot_records = iso::boot_report(&tmp)?;
-    check_boot_records(&iso::boot_report(&options.base)?, &boot_records)?;
+    copy_into(&prepared.iso, &tmp)?;
+    prepared.layout.write_slots(&tmp, &slots)?;
     let iso_sha256 = sha256_file(&tmp)?;
 
     let record = BuildRecord {
@@ -197,7 +178,7 @@ pub fn build(options: &BuildOptions) -> anyhow::Result<BuildRecord> {
         inputs: Inputs {
             base_iso: FileHash {
                 path: options.base.clone(),
-                sha256: sha256_file(&options.base)?,
+                sha256: prepared.base_sha256.clone(),
             },
             agent: FileHash {
                 path: options.agent.clone(),
@@ -208,15 +189,19 @@ pub fn build(options: &BuildOptions) -> anyhow::Result<BuildRecord> {
                 sha256: sha256_file(&tenant.file)?,
             },
             templates_sha256: options.templates.hash(),
-            overlays_sha256: hash_tree(&stage.path().join("kernex/overlays"))?,
+            overlays_sha256: prepared::hash_trees(&overlay_dirs)?,
         },
         tools: Tools {
             imagebuilder: env!("CARGO_PKG_VERSION").to_owned(),
             xorriso: iso::xorriso_version()?,
         },
         validation,
-        boot_records,
-        source_date_epoch: epoch,
+        boot_records: prepared.layout.boot_records.clone(),
+        source_date_epoch: prepared.layout.epoch,
+        prepared: PreparedInfo {
+            key: prepared.key.clone(),
+            reused: prepared.reused,
+        },
     };
     std::fs::write(&sha_path, format!("{iso_sha256}  {name}.iso\n"))
         .with_context(|| format!("writing {}", sha_path.display()))?;
@@ -226,6 +211,23 @@ pub fn build(options: &BuildOptions) -> anyhow::Result<BuildRecord> {
         .with_context(|| format!("renaming {} to {}", tmp.display(), iso_path.display()))?;
     std::mem::forget(guard);
     Ok(record)
+}
+
+/// Copies `from` into the already created (0600) file `to`; the kernel copies without a trip
+/// through user space where it can (`copy_file_range`).
+fn copy_into(from: &Path, to: &Path) -> anyhow::Result<()> {
+    let mut source =
+        std::fs::File::open(from).with_context(|| format!("opening {}", from.display()))?;
+    let mut target = std::fs::OpenOptions::new()
+        .write(true)
+        .open(to)
+        .with_context(|| format!("opening {}", to.display()))?;
+    std::io::copy(&mut source, &mut target)
+        .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+    target
+        .sync_all()
+        .with_context(|| format!("writing {}", to.display()))?;
+    Ok(())
 }
 
 /// The agent must be a static executable (the installed system may lack its libraries). Returns its
@@ -286,177 +288,6 @@ fn is_dynamic_elf(bytes: &[u8]) -> anyhow::Result<bool> {
     Ok(false)
 }
 
-/// Lays out `nocloud/`, `kernex/` and `grub.cfg` in `stage`; returns the ISO paths of every regular
-/// file staged (for md5sum.txt), with their host paths.
-fn stage_files(
-    stage: &Path,
-    seed: &Seed,
-    grub: &str,
-    manifest: &IsoManifest,
-    agent: &Path,
-    overlays: &[PathBuf],
-) -> anyhow::Result<Vec<(String, PathBuf)>> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let nocloud = stage.join("nocloud");
-    let kernex = stage.join("kernex");
-    std::fs::create_dir_all(&nocloud)?;
-    std::fs::create_dir_all(kernex.join("overlays"))?;
-    let write = |path: PathBuf, text: &str, mode: u32| -> anyhow::Result<()> {
-        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
-        Ok(())
-    };
-    write(nocloud.join("user-data"), &seed.user_data, 0o444)?;
-    write(nocloud.join("meta-data"), &seed.meta_data, 0o444)?;
-    write(kernex.join("bootstrap.toml"), &seed.bootstrap_toml, 0o400)?;
-    write(
-        kernex.join("manifest.json"),
-        &(serde_json::to_string_pretty(manifest)? + "\n"),
-        0o444,
-    )?;
-    write(stage.join("grub.cfg"), grub, 0o444)?;
-    std::fs::copy(agent, kernex.join("kernex-agent"))
-        .with_context(|| format!("copying {}", agent.display()))?;
-    std::fs::set_permissions(
-        kernex.join("kernex-agent"),
-        std::fs::Permissions::from_mode(0o555),
-    )?;
-    for dir in overlays {
-        copy_tree(dir, &kernex.join("overlays"))
-            .with_context(|| format!("copying overlay {}", dir.display()))?;
-    }
-    let mut files = vec![("/boot/grub/grub.cfg".to_owned(), stage.join("grub.cfg"))];
-    for root in ["nocloud", "kernex"] {
-        for path in walk(&stage.join(root))? {
-            let relative = path
-                .strip_prefix(stage)
-                .expect("walked under stage")
-                .to_string_lossy()
-                .into_owned();
-            files.push((format!("/{relative}"), path));
-        }
-    }
-    Ok(files)
-}
-
-fn walk(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    let mut entries: Vec<_> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .collect::<Result<_, _>>()?;
-    entries.sort_by_key(|e| e.file_name());
-    for entry in entries {
-        let path = entry.path();
-        if entry.file_type()?.is_dir() {
-            out.extend(walk(&path)?);
-        } else {
-            out.push(path);
-        }
-    }
-    Ok(out)
-}
-
-fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
-    for path in walk(from)? {
-        let target = to.join(path.strip_prefix(from).expect("walked under from"));
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        std::fs::copy(&path, &target).with_context(|| format!("copying {}", path.display()))?;
-    }
-    Ok(())
-}
-
-/// SHA-256 over relative paths and contents of every file under `dir`.
-fn hash_tree(dir: &Path) -> anyhow::Result<String> {
-    let mut h = Sha256::new();
-    for path in walk(dir)? {
-        h.update(
-            path.strip_prefix(dir)
-                .expect("walked under dir")
-                .to_string_lossy()
-                .as_bytes(),
-        );
-        h.update([0]);
-        h.update(std::fs::read(&path)?);
-        h.update([0]);
-    }
-    Ok(kernex_protocol::token::hex(&h.finalize()))
-}
-
-/// Ubuntu's md5sum.txt with the lines of changed files replaced and new files added, so "check disc
-/// for defects" still passes.
-fn update_md5sums(original: &str, staged: &[(String, PathBuf)]) -> anyhow::Result<String> {
-    let mut lines: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();
-    let mut order: Vec<String> = Vec::new();
-    for line in original.lines().filter(|l| !l.trim().is_empty()) {
-        if let Some((sum, path)) = line.split_once("  ") {
-            order.push(path.to_owned());
-            lines.insert(path.to_owned(), sum.to_owned());
-        }
-    }
-    for (iso_path, host) in staged {
-        let key = format!(".{iso_path}");
-        let sum = md5_file(host)?;
-        if lines.insert(key.clone(), sum).is_none() {
-            order.push(key);
-        }
-    }
-    Ok(order
-        .iter()
-        .map(|p| format!("{}  {p}\n", lines[p]))
-        .collect())
-}
-
-fn md5_file(path: &Path) -> anyhow::Result<String> {
-    let out = iso::run(std::process::Command::new("md5sum").arg(path))?;
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_owned())
-}
-
-/// The output must boot the same ways the base did: same El Torito entries, same partitions; only
-/// dates and sizes may differ.
-fn check_boot_records(base: &str, output: &str) -> anyhow::Result<()> {
-    let essential = |report: &str| -> Vec<String> {
-        report
-            .lines()
-            .filter(|l| !l.starts_with("--modification-date") && !l.starts_with("-V "))
-            .map(|l| {
-                // Intervals name block ranges that move when files are added.
-                match l.find("--interval:") {
-                    Some(at) => l[..at].to_owned(),
-                    None => l.to_owned(),
-                }
-            })
-            .collect()
-    };
-    let (before, after) = (essential(base), essential(output));
-    if before != after {
-        anyhow::bail!(
-            "the remastered ISO's boot records differ from the base's:\nbase:\n{}\noutput:\n{}",
-            before.join("\n"),
-            after.join("\n")
-        );
-    }
-    Ok(())
-}
-
-fn set_mtimes(dir: &Path, epoch: i64) -> anyhow::Result<()> {
-    let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs(epoch.max(0) as u64);
-    for path in walk(dir)? {
-        std::fs::File::options()
-            .write(true)
-            .open(&path)
-            .or_else(|_| std::fs::File::open(&path))
-            .and_then(|f| f.set_modified(time))
-            .with_context(|| format!("setting the date of {}", path.display()))?;
-    }
-    Ok(())
-}
-
 fn create_private(path: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::OpenOptionsExt as _;
     std::fs::OpenOptions::new()
@@ -471,34 +302,6 @@ fn create_private(path: &Path) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn md5sums_replace_and_add() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = dir.path().join("g");
-        std::fs::write(&f, "x").unwrap();
-        let out = update_md5sums(
-            "aaa  ./boot/grub/grub.cfg\nbbb  ./casper/vmlinuz\n",
-            &[
-                ("/boot/grub/grub.cfg".into(), f.clone()),
-                ("/nocloud/user-data".into(), f),
-            ],
-        )
-        .unwrap();
-        let x = "9dd4e461268c8034f5c8564e155c67a6";
-        assert_eq!(
-            out,
-            format!("{x}  ./boot/grub/grub.cfg\nbbb  ./casper/vmlinuz\n{x}  ./nocloud/user-data\n")
-        );
-    }
-
-    #[test]
-    fn boot_record_comparison_ignores_dates_and_intervals() {
-        let base = "-V 'A'\n--modification-date=2024\n-b '/boot/grub/i386-pc/eltorito.img'\n-append_partition 2 0xef --interval:local_fs:100d-200d::'b.iso'\n";
-        let same = "-V 'A'\n--modification-date=2026\n-b '/boot/grub/i386-pc/eltorito.img'\n-append_partition 2 0xef --interval:local_fs:300d-400d::'o.iso'\n";
-        assert!(check_boot_records(base, same).is_ok());
-        assert!(check_boot_records(base, "-V 'A'\n").is_err());
-    }
 
     #[test]
     fn dynamic_executables_are_recognised() {

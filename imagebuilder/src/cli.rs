@@ -55,6 +55,12 @@ pub enum Command {
         /// Files laid into every installed system (the kernex-agent systemd unit).
         #[arg(long, default_value = "overlays")]
         overlays: PathBuf,
+        /// Where prepared ISOs are cached (default: $XDG_CACHE_HOME/kernex/imagebuilder).
+        #[arg(long, env = "KERNEX_IMAGEBUILDER_CACHE")]
+        cache_dir: Option<PathBuf>,
+        /// Do not use or fill the cache (overrides --cache-dir): remaster the base for this build only.
+        #[arg(long)]
+        no_cache: bool,
         /// Print the build record as JSON.
         #[arg(long)]
         json: bool,
@@ -93,6 +99,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             force,
             agent,
             overlays,
+            cache_dir,
+            no_cache,
             json,
         } => {
             let options = BuildOptions {
@@ -104,6 +112,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 force,
                 agent,
                 overlays,
+                cache_dir: if no_cache {
+                    None
+                } else {
+                    cache_dir.or_else(crate::prepared::default_cache_dir)
+                },
             };
             let record = build(&options)?;
             if json {

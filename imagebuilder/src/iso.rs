@@ -173,6 +173,40 @@ pub fn remaster(
     Ok(())
 }
 
+/// (ISO path, byte offset, size) of each of `paths`, which must be stored as one extent each.
+pub fn file_extents(iso: &Path, paths: &[&str]) -> anyhow::Result<Vec<(String, u64, u64)>> {
+    let mut command = xorriso();
+    command.arg("-indev").arg(iso);
+    for path in paths {
+        command.args(["-find", path, "-exec", "report_lba", "--"]);
+    }
+    let out = run(&mut command).with_context(|| format!("locating files in {}", iso.display()))?;
+    let mut extents = Vec::new();
+    // File data lba:  0 ,    11250 ,        1 ,     1289 , '/nocloud/user-data'
+    for line in String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("File data lba:"))
+    {
+        let fields: Vec<&str> = line.splitn(5, ',').map(str::trim).collect();
+        let [extent, lba, _blocks, size, path] = fields[..] else {
+            continue;
+        };
+        anyhow::ensure!(
+            extent == "0",
+            "{path} is stored in several extents in {}",
+            iso.display()
+        );
+        let lba: u64 = lba
+            .parse()
+            .with_context(|| format!("bad LBA in `{line}`"))?;
+        let size: u64 = size
+            .parse()
+            .with_context(|| format!("bad size in `{line}`"))?;
+        extents.push((path.trim_matches('\'').to_owned(), lba * 2048, size));
+    }
+    Ok(extents)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,12 +2,14 @@
 //! carries the tenant's bootstrap token, the static agent and its systemd unit.
 //!
 //! Pipeline: [`tenant`] (load and validate the config) → [`render`] (minijinja seed) → [`validate`]
-//! (typed autoinstall, cloud-init schema) → [`build`] (stage files, md5sum.txt, build record) →
-//! [`iso`] (the only module that runs xorriso).
+//! (typed autoinstall, cloud-init schema) → [`prepared`] (the cached prepared ISO with fixed-size
+//! slots for the per-tenant files) → [`build`] (copy, fill the slots, build record) → [`iso`] (the
+//! only module that runs xorriso).
 
 pub mod build;
 pub mod cli;
 pub mod iso;
+pub mod prepared;
 pub mod render;
 pub mod tenant;
 pub mod validate;

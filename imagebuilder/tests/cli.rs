@@ -27,10 +27,13 @@ fn agent() -> PathBuf {
 }
 
 fn imagebuilder(args: &[&str]) -> Output {
+    // Never the user's cache: tests that care pass --cache-dir; the others get a throw-away one.
+    let scratch = tempfile::tempdir().unwrap();
     Command::new(env!("CARGO_BIN_EXE_imagebuilder"))
         .args(args)
         .current_dir(workspace())
         .env("KERNEX_AGENT_BIN", agent())
+        .env("KERNEX_IMAGEBUILDER_CACHE", scratch.path())
         .output()
         .unwrap()
 }
@@ -97,11 +100,17 @@ fn builds_are_private_recorded_reproducible_and_inspectable() {
     let dir = tempfile::tempdir().unwrap();
     let base = layout_iso(dir.path());
     let tenants = tenant_dir(dir.path(), TOKEN);
+    let cache = dir.path().join("cache");
     let mut digests = Vec::new();
-    for run in ["a", "b"] {
+    // a: prepares and caches; b: reuses the prepared ISO; c: no cache at all. Same bytes each time.
+    for (run, cache_args, reused) in [
+        ("a", vec!["--cache-dir", cache.to_str().unwrap()], false),
+        ("b", vec!["--cache-dir", cache.to_str().unwrap()], true),
+        ("c", vec!["--no-cache"], false),
+    ] {
         let out_dir = dir.path().join(run);
         std::fs::create_dir(&out_dir).unwrap();
-        let out = imagebuilder(&[
+        let mut args = vec![
             "build",
             "--tenant",
             "acme",
@@ -112,9 +121,12 @@ fn builds_are_private_recorded_reproducible_and_inspectable() {
             "--out",
             out_dir.to_str().unwrap(),
             "--json",
-        ]);
+        ];
+        args.extend(cache_args);
+        let out = imagebuilder(&args);
         assert!(out.status.success(), "{}", stderr(&out));
         let record: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(record["prepared"]["reused"], reused, "run {run}");
         let iso = out_dir.join("acme.iso");
         let mode = std::os::unix::fs::PermissionsExt::mode(
             &std::fs::metadata(&iso).unwrap().permissions(),
@@ -145,6 +157,36 @@ fn builds_are_private_recorded_reproducible_and_inspectable() {
             "only the ISO, its checksum and the record: {leftovers:?}"
         );
         digests.push(record["iso_sha256"].as_str().unwrap().to_owned());
+
+        // What the installer reads: the seed, and an md5sum.txt that still matches every file.
+        let check = out_dir.join("check");
+        let out = Command::new("xorriso")
+            .args(["-osirrox", "on", "-indev"])
+            .arg(&iso)
+            .args(["-extract", "/", check.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        let user_data = std::fs::read_to_string(check.join("nocloud/user-data")).unwrap();
+        assert!(
+            user_data.starts_with("#cloud-config\n") && user_data.contains("kernex-agent.service")
+        );
+        let out = Command::new("md5sum")
+            .args(["--quiet", "-c", "md5sum.txt"])
+            .current_dir(&check)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "md5sum.txt: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            stderr(&out)
+        );
+        let bootstrap = std::fs::read_to_string(check.join("kernex/bootstrap.toml")).unwrap();
+        assert!(
+            bootstrap.contains(TOKEN)
+                && bootstrap.contains("server_url = \"http://10.0.2.2:8080\"")
+        );
 
         let out = imagebuilder(&["inspect", iso.to_str().unwrap(), "--json"]);
         assert!(out.status.success(), "{}", stderr(&out));

@@ -100,6 +100,7 @@ fn tenant_iso_boots_with_bios_and_uefi_and_the_appliances_enroll() {
         .arg(&tenants)
         .arg("--out")
         .arg(work.path())
+        .env("KERNEX_IMAGEBUILDER_CACHE", work.path().join("cache"))
         .output()
         .unwrap();
     assert!(
