@@ -90,6 +90,12 @@ pub struct IsoManifest {
 pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
     let mut file =
         std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let bar = crate::progress::bytes(len, &format!("sha256 {name}"));
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -100,7 +106,9 @@ pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
             break;
         }
         hasher.update(&buf[..n]);
+        bar.inc(n as u64);
     }
+    bar.finish_and_clear();
     Ok(kernex_protocol::token::hex(&hasher.finalize()))
 }
 
@@ -216,14 +224,25 @@ pub fn build(options: &BuildOptions) -> anyhow::Result<BuildRecord> {
 /// Copies `from` into the already created (0600) file `to`; the kernel copies without a trip
 /// through user space where it can (`copy_file_range`).
 fn copy_into(from: &Path, to: &Path) -> anyhow::Result<()> {
-    let mut source =
+    use std::io::Read as _;
+    let source =
         std::fs::File::open(from).with_context(|| format!("opening {}", from.display()))?;
     let mut target = std::fs::OpenOptions::new()
         .write(true)
         .open(to)
         .with_context(|| format!("opening {}", to.display()))?;
-    std::io::copy(&mut source, &mut target)
-        .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+    let len = source.metadata().map(|m| m.len()).unwrap_or(0);
+    let bar = crate::progress::bytes(len, "copying prepared ISO");
+    // In chunks, so the bar moves; each chunk is still a kernel-side copy.
+    loop {
+        let copied = std::io::copy(&mut (&source).take(64 << 20), &mut target)
+            .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+        if copied == 0 {
+            break;
+        }
+        bar.inc(copied);
+    }
+    bar.finish_and_clear();
     target
         .sync_all()
         .with_context(|| format!("writing {}", to.display()))?;

@@ -169,7 +169,10 @@ pub fn remaster(
             .arg("--");
     }
     command.args(["-boot_image", "any", "replay"]);
-    run(&mut command).with_context(|| format!("writing {}", out.display()))?;
+    let spinner = crate::progress::spinner("remastering the base ISO with xorriso");
+    let result = run(&mut command).with_context(|| format!("writing {}", out.display()));
+    spinner.finish_and_clear();
+    result?;
     Ok(())
 }
 

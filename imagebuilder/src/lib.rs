@@ -10,6 +10,7 @@ pub mod build;
 pub mod cli;
 pub mod iso;
 pub mod prepared;
+pub mod progress;
 pub mod render;
 pub mod tenant;
 pub mod validate;
