@@ -5,6 +5,7 @@
 
 mod agent_lifecycle;
 mod device_protocol;
+mod imagebuilder;
 mod rest_api;
 mod tls;
 
