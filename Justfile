@@ -64,6 +64,11 @@ test-qemu: build agent-binary standin
 boot-check: standin
     BOOTCHECK_DIR={{justfile_directory()}}/target/qemu qemu/boot-check.sh {{standin_iso}}
 
+# Tenant ISO cost on an Ubuntu-sized base: cp vs full remaster vs the cached fast path.
+bench-iso: agent-binary standin
+    cargo build --release -p imagebuilder
+    scripts/bench-iso.sh {{standin_iso}} {{agent_bin}}
+
 # Build a tenant ISO, e.g. `just iso example /path/to/ubuntu-24.04.1-live-server-amd64.iso`.
 iso tenant base *ARGS: agent-binary
     cargo run -q -p imagebuilder -- build --tenant {{tenant}} --base {{base}} --agent {{agent_bin}} {{ARGS}}
