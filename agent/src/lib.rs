@@ -14,15 +14,3 @@ pub mod telemetry;
 
 /// Reported in heartbeats and `--version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-
-/// At most `max` bytes of `s`, cut at a character boundary.
-pub fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}

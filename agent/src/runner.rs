@@ -309,7 +309,7 @@ impl Agent {
                 "command {} ({}): {:?}: {}",
                 command.id, command.kind, outcome, output
             );
-            let output = crate::truncate(&output, MAX_COMMAND_OUTPUT).to_owned();
+            let output = kernex_protocol::truncate_utf8(&output, MAX_COMMAND_OUTPUT).to_owned();
             self.state.pending_acks.push(CommandAck {
                 id: command.id.clone(),
                 outcome,

@@ -25,3 +25,26 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
 /// How far a signed request's timestamp may be from the server's clock, in seconds.
 pub const MAX_CLOCK_SKEW_S: i64 = 300;
+
+/// At most `max` bytes of `s`, cut at a character boundary: command output and other free text
+/// are bounded the same way on both sides of the wire.
+pub fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn truncate_respects_char_boundaries() {
+        assert_eq!(super::truncate_utf8("héllo", 2), "h");
+        assert_eq!(super::truncate_utf8("héllo", 3), "hé");
+        assert_eq!(super::truncate_utf8("abc", 10), "abc");
+    }
+}

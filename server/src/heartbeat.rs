@@ -234,7 +234,7 @@ async fn write_batch(
                     "UPDATE commands SET state = $1, output = $2, completed_at = $3
                      WHERE id = $4 AND device_id = $5 AND state IN ('queued', 'delivered') RETURNING kind")
                     .bind(state)
-                    .bind(truncate(&ack.output, MAX_COMMAND_OUTPUT))
+                    .bind(kernex_protocol::truncate_utf8(&ack.output, MAX_COMMAND_OUTPUT))
                     .bind(now)
                     .bind(&ack.id)
                     .bind(&beat.device_id)
@@ -290,28 +290,4 @@ async fn write_batch(
             }
         })
         .collect())
-}
-
-/// At most `max` bytes of `s`, cut at a character boundary.
-pub fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
-#[cfg(test)]
-mod tests {
-    use super::truncate;
-
-    #[test]
-    fn truncate_respects_char_boundaries() {
-        assert_eq!(truncate("héllo", 2), "h");
-        assert_eq!(truncate("héllo", 3), "hé");
-        assert_eq!(truncate("abc", 10), "abc");
-    }
 }
