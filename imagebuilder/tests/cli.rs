@@ -333,3 +333,54 @@ fn the_example_tenant_renders_to_the_golden_files() {
         stderr(&again)
     );
 }
+
+#[test]
+fn a_full_disk_fails_cleanly() {
+    // RLIMIT_FSIZE stands in for a full disk without root: writes past 1 MiB fail (EFBIG, with
+    // SIGXFSZ ignored) exactly where ENOSPC would, after the cache is warm so the copy is what fails.
+    let dir = tempfile::tempdir().unwrap();
+    let base = layout_iso(dir.path());
+    let tenants = tenant_dir(dir.path(), TOKEN);
+    let (cache, out_dir) = (dir.path().join("cache"), dir.path().join("out"));
+    std::fs::create_dir(&out_dir).unwrap();
+    let agent = agent();
+    let args = [
+        "build",
+        "--tenant",
+        "acme",
+        "--base",
+        base.to_str().unwrap(),
+        "--tenants-dir",
+        tenants.to_str().unwrap(),
+        "--out",
+        out_dir.to_str().unwrap(),
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--agent",
+        agent.to_str().unwrap(),
+    ];
+    let warm = imagebuilder(&args);
+    assert!(warm.status.success(), "{}", stderr(&warm));
+    for entry in std::fs::read_dir(&out_dir).unwrap() {
+        std::fs::remove_file(entry.unwrap().path()).unwrap();
+    }
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("trap '' XFSZ; ulimit -f 1024; exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_imagebuilder"))
+        .args(args)
+        .current_dir(workspace())
+        .output()
+        .unwrap();
+    let message = stderr(&out);
+    assert!(!out.status.success());
+    assert!(
+        message.contains("copying") && message.contains("File too large"),
+        "{message}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&out_dir).unwrap().count(),
+        0,
+        "nothing left behind"
+    );
+}
