@@ -174,7 +174,7 @@ pub fn build(options: &BuildOptions) -> anyhow::Result<BuildRecord> {
     create_private(&tmp)?;
     copy_into(&prepared.iso, &tmp)?;
     prepared.layout.write_slots(&tmp, &slots)?;
-    let iso_sha256 = sha256_file(&tmp)?;
+    let iso_sha256 = crate::resumable_sha256::finish(&tmp, prepared.layout.hash_prefix)?;
 
     let record = BuildRecord {
         tenant: name.clone(),

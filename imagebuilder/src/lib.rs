@@ -12,5 +12,6 @@ pub mod iso;
 pub mod prepared;
 pub mod progress;
 pub mod render;
+pub mod resumable_sha256;
 pub mod tenant;
 pub mod validate;

@@ -48,6 +48,8 @@ pub struct Layout {
     pub md5sum_text: String,
     pub boot_records: String,
     pub epoch: i64,
+    /// SHA-256 state of everything before the first slot: tenant builds hash only the rest.
+    pub hash_prefix: crate::resumable_sha256::Midstate,
 }
 
 #[derive(Debug)]
@@ -340,12 +342,20 @@ fn build_prepared(spec: &PrepareSpec<'_>, out: &Path) -> anyhow::Result<Layout> 
         "md5sum.txt has an unexpected size in {}",
         out.display()
     );
+    let first_slot = slots
+        .iter()
+        .map(|(_, offset, _)| *offset)
+        .chain([md5sum_offset])
+        .min()
+        .unwrap_or(0);
+    let hash_prefix = crate::resumable_sha256::prefix(out, first_slot)?;
     Ok(Layout {
         slots,
         md5sum_offset,
         md5sum_text,
         boot_records,
         epoch,
+        hash_prefix,
     })
 }
 

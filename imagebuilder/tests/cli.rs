@@ -132,6 +132,17 @@ fn builds_are_private_recorded_reproducible_and_inspectable() {
             &std::fs::metadata(&iso).unwrap().permissions(),
         );
         assert_eq!(mode & 0o777, 0o600);
+        let independent = Command::new("sha256sum").arg(&iso).output().unwrap();
+        let independent = String::from_utf8_lossy(&independent.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_owned();
+        assert_eq!(
+            record["iso_sha256"].as_str(),
+            Some(independent.as_str()),
+            "the recorded checksum is the file's"
+        );
         let sha = std::fs::read_to_string(out_dir.join("acme.iso.sha256")).unwrap();
         assert_eq!(
             sha,
