@@ -2,7 +2,7 @@
 //! for grub.cfg (minijinja templates from `autoinstall/`) and `/etc/kernex/bootstrap.toml` (TOML
 //! written by serde, so a value can never break out of its quotes).
 
-use crate::tenant::{Network, Tenant};
+use crate::tenant::{Network, Tenant, MACHINE_ID_PLACEHOLDER};
 use anyhow::Context as _;
 use kernex_protocol::SecretToken;
 use serde::Serialize;
@@ -72,7 +72,10 @@ pub struct Seed {
 #[derive(Serialize)]
 struct Context<'a> {
     tenant: &'a str,
-    hostname: &'a str,
+    /// What the installer's identity section gets: the pattern with the placeholder left out.
+    hostname: String,
+    /// A late-command that sets the per-machine hostname, when `hostname` is a pattern.
+    hostname_command: Option<String>,
     locale: &'a str,
     timezone: &'a str,
     keyboard: &'a crate::tenant::Keyboard,
@@ -141,7 +144,12 @@ pub fn render(templates: &Templates, tenant: &Tenant, token: &SecretToken) -> an
     };
     let context = Context {
         tenant: &tenant.name,
-        hostname: &tenant.hostname,
+        hostname: tenant
+            .hostname
+            .replace(MACHINE_ID_PLACEHOLDER, "")
+            .trim_matches('-')
+            .to_owned(),
+        hostname_command: hostname_command(&tenant.hostname),
         locale: &tenant.locale,
         timezone: &tenant.timezone,
         keyboard: &tenant.keyboard,
@@ -179,6 +187,21 @@ pub fn render(templates: &Templates, tenant: &Tenant, token: &SecretToken) -> an
             .to_owned(),
         bootstrap_toml,
     })
+}
+
+/// The late-command that gives the installed system its own hostname from a pattern. The pattern
+/// holds only `a-z0-9-` and the placeholder (checked in `tenant`), so it is safe inside the quotes.
+fn hostname_command(pattern: &str) -> Option<String> {
+    if !pattern.contains(MACHINE_ID_PLACEHOLDER) {
+        return None;
+    }
+    let shell = pattern.replace(
+        MACHINE_ID_PLACEHOLDER,
+        "$(head -c 8 /target/etc/machine-id)",
+    );
+    Some(format!(
+        "h=\"{shell}\"; echo \"$h\" > /target/etc/hostname; sed -i \"s/^127.0.1.1[[:space:]].*/127.0.1.1 $h/\" /target/etc/hosts || true"
+    ))
 }
 
 /// Ubuntu's grub.cfg with autoinstall turned on: `kernel_args` added to the default (first) entry's

@@ -145,6 +145,10 @@ pub enum TokenSource {
     Server(TokenFromServer),
 }
 
+/// Replaced at install time by the first 8 hex digits of the installed system's machine id, so
+/// every appliance of a tenant gets its own hostname from one ISO.
+pub const MACHINE_ID_PLACEHOLDER: &str = "{machine_id}";
+
 /// A validated tenant config with every default applied and every path made absolute.
 #[derive(Debug, Clone)]
 pub struct Tenant {
@@ -154,6 +158,7 @@ pub struct Tenant {
     pub token_source: TokenSource,
     pub ca_cert: Option<String>,
     pub ca_sha256: Option<String>,
+    /// A hostname, or a pattern with [`MACHINE_ID_PLACEHOLDER`].
     pub hostname: String,
     pub locale: String,
     pub timezone: String,
@@ -240,16 +245,21 @@ impl Tenant {
                 return Err(invalid("ca_sha256", "expected 64 hex digits".into()));
             }
         }
-        let hostname = file.hostname.unwrap_or_else(|| format!("{name}-appliance"));
-        if hostname.is_empty()
-            || hostname.len() > 63
-            || !hostname
+        let hostname = file
+            .hostname
+            .unwrap_or_else(|| format!("{name}-{{machine_id}}"));
+        // The pattern's only placeholder stands for 8 hex digits; what remains must be a hostname.
+        let sample = hostname.replace(MACHINE_ID_PLACEHOLDER, "0123abcd");
+        if sample.is_empty()
+            || sample.len() > 63
+            || sample.starts_with('-')
+            || !sample
                 .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         {
             return Err(invalid(
                 "hostname",
-                format!("`{hostname}` is not a valid hostname"),
+                format!("`{hostname}` is not a valid hostname pattern (a-z, 0-9, '-' and {MACHINE_ID_PLACEHOLDER})"),
             ));
         }
         let admin = file.admin.unwrap_or(Admin {
@@ -408,7 +418,7 @@ mod tests {
         );
         assert_eq!(
             (t.hostname.as_str(), t.locale.as_str(), t.timezone.as_str()),
-            ("acme-appliance", "en_US.UTF-8", "Etc/UTC")
+            ("acme-{machine_id}", "en_US.UTF-8", "Etc/UTC")
         );
         assert_eq!(t.network, Network::Dhcp);
         assert_eq!(t.admin.password_hash, "!");
