@@ -261,6 +261,44 @@ mod tests {
     const UBUNTU_GRUB: &str = "set timeout=30\n\nloadfont unicode\n\nmenuentry \"Try or Install Ubuntu Server\" {\n\tset gfxpayload=keep\n\tlinux\t/casper/vmlinuz  ---\n\tinitrd\t/casper/initrd\n}\nmenuentry \"Ubuntu Server with the HWE kernel\" {\n\tset gfxpayload=keep\n\tlinux\t/casper/hwe-vmlinuz  ---\n\tinitrd\t/casper/hwe-initrd\n}\n";
 
     #[test]
+    fn static_network_user_vms_and_fixed_hostnames_render_and_validate() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("vm1.secret"), "0123456789abcdef0123\n").unwrap();
+        std::fs::write(
+            dir.path().join("acme.toml"),
+            "server_url = \"https://cp.example.net\"\ntoken_file = \"t\"\nhostname = \"gw-1\"\n\
+             [network]\nmode = \"static\"\naddress = \"192.0.2.10/24\"\ngateway = \"192.0.2.1\"\nnameservers = [\"192.0.2.53\"]\n\
+             [[vm]]\nname = \"vm1\"\naddress = \"tcp://192.168.122.10:7070\"\nsecret_file = \"vm1.secret\"\n",
+        )
+        .unwrap();
+        let tenant = Tenant::load(dir.path(), "acme").unwrap();
+        let token = SecretToken::generate(kernex_protocol::TokenKind::Bootstrap);
+        let seed = render(&Templates::builtin(), &tenant, &token).unwrap();
+        crate::validate::validate_user_data(&seed.user_data, &seed.meta_data).unwrap();
+        let yaml: serde_yaml::Value = serde_yaml::from_str(&seed.user_data).unwrap();
+        let primary = &yaml["autoinstall"]["network"]["ethernets"]["primary"];
+        assert_eq!(primary["addresses"][0].as_str(), Some("192.0.2.10/24"));
+        assert_eq!(primary["routes"][0]["via"].as_str(), Some("192.0.2.1"));
+        assert_eq!(
+            primary["nameservers"]["addresses"][0].as_str(),
+            Some("192.0.2.53")
+        );
+        assert_eq!(
+            yaml["autoinstall"]["identity"]["hostname"].as_str(),
+            Some("gw-1")
+        );
+        assert!(
+            !seed.user_data.contains("machine-id"),
+            "a fixed hostname needs no late-command"
+        );
+        let bootstrap =
+            kernex_protocol::BootstrapConfig::parse(Path::new("b"), &seed.bootstrap_toml).unwrap();
+        assert_eq!(bootstrap.vm[0].name, "vm1");
+        assert_eq!(bootstrap.vm[0].secret, "0123456789abcdef0123");
+        assert_eq!(bootstrap.token, token.expose());
+    }
+
+    #[test]
     fn grub_default_entry_gets_autoinstall_and_others_are_kept() {
         let out =
             patch_grub_cfg(UBUNTU_GRUB, r"autoinstall ds=nocloud\;s=/cdrom/nocloud/", 1).unwrap();
