@@ -172,10 +172,7 @@ impl Agent {
                 Err(e) => return Err(self.recover(e)),
             },
         };
-        match self.heartbeat(&token) {
-            Ok(next) => Ok(next),
-            Err(e) => Err(self.recover(e)),
-        }
+        self.heartbeat(&token)
     }
 
     /// Turns "the server lost or expired our identity" into the next step's work.
@@ -261,7 +258,7 @@ impl Agent {
             .unwrap_or(DEFAULT_INTERVAL_S)
     }
 
-    fn heartbeat(&mut self, token: &str) -> Result<Duration, ClientError> {
+    fn heartbeat(&mut self, token: &str) -> Result<Duration, Failure> {
         let telemetry = self.sampler.sample();
         let request = HeartbeatRequest {
             agent_version: crate::VERSION.to_owned(),
@@ -269,7 +266,11 @@ impl Agent {
             telemetry: telemetry.clone(),
             acks: self.state.pending_acks.clone(),
         };
-        let response: HeartbeatResponse = self.client.post_bearer("/heartbeat", &request, token)?;
+        let response: HeartbeatResponse =
+            match self.client.post_bearer("/heartbeat", &request, token) {
+                Ok(response) => response,
+                Err(e) => return Err(self.recover(e)),
+            };
         // The server committed the acks with this heartbeat.
         let acked: Vec<String> = request.acks.iter().map(|a| a.id.clone()).collect();
         self.state.pending_acks.retain(|a| !acked.contains(&a.id));
@@ -281,10 +282,8 @@ impl Agent {
         self.state.last_telemetry = Some(telemetry);
         self.state.last_error = None;
         let ran = self.run_commands(&response.commands);
-        self.save().map_err(|e| ClientError::Decode {
-            url: self.dir.state_file().display().to_string(),
-            message: e.to_string(),
-        })?;
+        // Results must be on disk before they are reported: a state we cannot write is fatal.
+        self.save()?;
         if ran > 0 {
             // Report results now rather than one interval later.
             return Ok(Duration::ZERO);
