@@ -137,12 +137,6 @@ pub fn build(options: &BuildOptions) -> anyhow::Result<BuildRecord> {
             );
         }
     }
-    if !options.out_dir.is_dir() {
-        anyhow::bail!(
-            "output directory {} does not exist",
-            options.out_dir.display()
-        );
-    }
     iso::check_ubuntu_layout(&options.base)?;
     let agent_version = check_agent(&options.agent)?;
     let token = tenant.bootstrap_token()?;
@@ -167,6 +161,8 @@ pub fn build(options: &BuildOptions) -> anyhow::Result<BuildRecord> {
     };
     let prepared = prepared::obtain(options.cache_dir.as_deref(), &spec)?;
 
+    std::fs::create_dir_all(&options.out_dir)
+        .with_context(|| format!("creating output directory {}", options.out_dir.display()))?;
     let tmp = options
         .out_dir
         .join(format!(".{name}.iso.tmp-{}", std::process::id()));

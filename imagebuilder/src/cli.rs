@@ -124,8 +124,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 println!("{}  {}", record.iso_sha256, record.iso.display());
                 println!(
-                    "tenant {}, token {}, agent {}",
-                    record.tenant, record.token_id, record.agent_version
+                    "tenant {}, token {}, agent {}, prepared ISO {} ({})",
+                    record.tenant,
+                    record.token_id,
+                    record.agent_version,
+                    &record.prepared.key[..16],
+                    if record.prepared.reused {
+                        "reused from the cache"
+                    } else {
+                        "built, now cached"
+                    }
                 );
             }
             Ok(())
