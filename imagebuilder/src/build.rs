@@ -10,7 +10,6 @@ use crate::{iso, prepared, validate};
 use anyhow::Context as _;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone)]
@@ -87,29 +86,9 @@ pub struct IsoManifest {
     pub templates_sha256: String,
 }
 
+/// Hex SHA-256 of a file (with a progress bar on a terminal).
 pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let bar = crate::progress::bytes(len, &format!("sha256 {name}"));
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file
-            .read(&mut buf)
-            .with_context(|| format!("reading {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        bar.inc(n as u64);
-    }
-    bar.finish_and_clear();
-    Ok(kernex_protocol::token::hex(&hasher.finalize()))
+    crate::resumable_sha256::finish(path, crate::resumable_sha256::Midstate::START)
 }
 
 /// Deletes the temporary output unless the build completes.

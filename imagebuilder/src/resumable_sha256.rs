@@ -21,6 +21,11 @@ pub struct Midstate {
     pub len: u64,
 }
 
+impl Midstate {
+    /// Nothing hashed yet: `finish` from here is a plain SHA-256 of the whole file.
+    pub const START: Midstate = Midstate { state: IV, len: 0 };
+}
+
 fn compress(state: &mut [u32; 8], block: &[u8]) {
     sha2::compress256(state, std::slice::from_ref(GenericArray::from_slice(block)));
 }
@@ -55,6 +60,12 @@ pub fn finish(path: &Path, mid: Midstate) -> anyhow::Result<String> {
     let mut total = mid.len;
     let mut pending: Vec<u8> = Vec::with_capacity(128);
     let mut buf = vec![0u8; 1 << 20];
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let bar = crate::progress::bytes(len.saturating_sub(mid.len), &format!("sha256 {name}"));
     loop {
         let n = file
             .read(&mut buf)
@@ -62,6 +73,7 @@ pub fn finish(path: &Path, mid: Midstate) -> anyhow::Result<String> {
         if n == 0 {
             break;
         }
+        bar.inc(n as u64);
         total += n as u64;
         let mut data = &buf[..n];
         if !pending.is_empty() {
@@ -88,6 +100,7 @@ pub fn finish(path: &Path, mid: Midstate) -> anyhow::Result<String> {
     for block in pending.chunks_exact(64) {
         compress(&mut state, block);
     }
+    bar.finish_and_clear();
     let digest: Vec<u8> = state.iter().flat_map(|w| w.to_be_bytes()).collect();
     Ok(kernex_protocol::token::hex(&digest))
 }
@@ -105,6 +118,11 @@ mod tests {
             let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
             std::fs::write(&path, &data).unwrap();
             let expected = kernex_protocol::token::hex(&Sha256::digest(&data));
+            assert_eq!(
+                finish(&path, Midstate::START).unwrap(),
+                expected,
+                "size {size}, from the start"
+            );
             for upto in [0u64, 1, 64, 100, size as u64 / 2, size as u64] {
                 let mid = prefix(&path, upto.min(size as u64)).unwrap();
                 assert_eq!(
