@@ -4,10 +4,10 @@
 # `kernex-server device preauthorize` (real device rows, real HMAC bearer tokens); wrk drives
 # heartbeats round-robin over all of them. Enrollment (RSA signature check) is measured separately.
 #
-# Usage: bench-heartbeat.sh [--devices "10000 100000"] [--duration 10] [--connections 64] [--backends "sqlite postgres"]
+# Usage: bench-heartbeat.sh [--devices "10000 100000"] [--duration 10] [--connections 256] [--backends "sqlite postgres"]
 # Writes bench/results/heartbeat-<UTC time>.md and prints the same table.
 set -euo pipefail
-devices="10000 100000"; duration=10; connections=64; backends="sqlite postgres"
+devices="10000 100000"; duration=10; connections=256; backends="sqlite postgres"
 while [ $# -gt 0 ]; do
   case "$1" in
     --devices) devices=$2; shift 2 ;;
@@ -53,15 +53,19 @@ run_wrk() {
   echo "$(( (total - non2xx) * 100 / ${secs%.*}00 * 1 ))" "$p50" "$p99" "$non2xx" | awk -v t="$total" -v s="$secs" -v n="$non2xx" -v a="$p50" -v b="$p99" '{printf "%.0f %s %s %d\n", (t - n) / s, a, b, n}'
 }
 
-rows=()
-start "$work/noop.out" "$bench" noop
-noop_pid=$pid
+# The no-op ceiling is measured right before each target, so a shared machine's drift over the run
+# does not land in the ratio.
 noop_tokens="$work/noop-tokens"; echo "x kxnoop" > "$noop_tokens"
-read -r noop_rate noop_p50 noop_p99 _ <<<"$(run_wrk bench/heartbeat.lua "$url" "$noop_tokens")"
-noop_rss=$(rss_kib "$noop_pid")
-kill "$noop_pid"; wait "$noop_pid" 2>/dev/null || true
-rows+=("| no-op axum endpoint | - | $noop_rate | $noop_p50 | $noop_p99 | 0 | $((noop_rss / 1024)) MiB | - | 1.00 |")
+measure_noop() {
+  start "$work/noop.out" "$bench" noop
+  local noop_pid=$pid
+  read -r noop_rate noop_p50 noop_p99 _ <<<"$(run_wrk bench/heartbeat.lua "$url" "$noop_tokens")"
+  noop_rss=$(rss_kib "$noop_pid")
+  kill "$noop_pid"; wait "$noop_pid" 2>/dev/null || true
+  rows+=("| no-op axum endpoint | - | $noop_rate | $noop_p50 | $noop_p99 | 0 | $((noop_rss / 1024)) MiB | - | 1.00 |")
+}
 
+rows=()
 for backend in $backends; do
   for n in $devices; do
     dir="$work/$backend-$n"; mkdir -p "$dir"
@@ -75,6 +79,7 @@ for backend in $backends; do
     seed_start=$(date +%s.%N)
     "$server" "${storage[@]}" device preauthorize --tenant bench --count "$n" --out "$dir/tokens" 2>/dev/null
     seed_s=$(echo "$(date +%s.%N) - $seed_start" | bc)
+    measure_noop
     start "$dir/server.out" "$server" "${storage[@]}" serve --listen 127.0.0.1:0 --heartbeat-interval 60s
     server_pid=$pid
     idle_rss=$(rss_kib "$server_pid")
@@ -101,7 +106,7 @@ out="bench/results/heartbeat-$(date -u +%Y%m%dT%H%M%SZ).md"
   echo "# Heartbeat benchmark, $(date -u +%Y-%m-%dT%H:%MZ)"
   echo
   echo "$(nproc) cores, wrk -t1 -c$connections -d${duration}s on loopback; server in release mode; SQLite synchronous=FULL."
-  echo "RSS per device = (RSS after the run - RSS at start) / devices."
+  echo "RSS per device = (RSS after the run - RSS at start) / devices. Each ratio is to the no-op row just above it."
   echo
   echo "| target | devices | heartbeats/s (2xx) | p50 | p99 | non-2xx | server RSS | RSS per device | ratio to no-op |"
   echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"

@@ -6,6 +6,7 @@
 //! can depend on it without pulling in a runtime.
 
 pub mod bootstrap;
+pub mod bundle;
 pub mod signing;
 pub mod token;
 pub mod wire;

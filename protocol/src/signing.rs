@@ -87,8 +87,13 @@ impl DeviceKey {
 
     /// Base64 signature of `body`, for the signature header.
     pub fn sign(&self, body: &[u8]) -> String {
+        base64::engine::general_purpose::STANDARD.encode(self.sign_raw(body))
+    }
+
+    /// The raw signature bytes of `body` (bundles carry them in binary).
+    pub fn sign_raw(&self, body: &[u8]) -> Vec<u8> {
         let signature: Signature = self.signing.sign(body);
-        base64::engine::general_purpose::STANDARD.encode(signature.to_bytes())
+        signature.to_vec()
     }
 }
 
@@ -133,8 +138,12 @@ impl DevicePublicKey {
         let raw = base64::engine::general_purpose::STANDARD
             .decode(signature_b64.trim())
             .map_err(|_| SigningError::SignatureEncoding)?;
-        let signature =
-            Signature::try_from(raw.as_slice()).map_err(|_| SigningError::BadSignature)?;
+        self.verify_raw(body, &raw)
+    }
+
+    /// Checks raw signature bytes against `body`.
+    pub fn verify_raw(&self, body: &[u8], raw: &[u8]) -> Result<(), SigningError> {
+        let signature = Signature::try_from(raw).map_err(|_| SigningError::BadSignature)?;
         VerifyingKey::<Sha256>::new(self.key.clone())
             .verify(body, &signature)
             .map_err(|_| SigningError::BadSignature)

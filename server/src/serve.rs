@@ -24,7 +24,8 @@ pub async fn serve(db: Db, options: ServeOptions) -> anyhow::Result<()> {
     let secret = secrets::get_or_create(&db, DEVICE_TOKEN_SECRET)
         .await
         .context("loading the device-token key")?;
-    let heartbeats = HeartbeatWriter::start(db.clone(), WriterConfig::default());
+    let heartbeats = HeartbeatWriter::start(&db, WriterConfig::default())
+        .context("starting the heartbeat writer")?;
     let state = AppState::new(
         db.clone(),
         heartbeats,

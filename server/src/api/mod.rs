@@ -77,33 +77,39 @@ impl std::ops::Deref for AppState {
 
 pub fn app(state: AppState) -> Router {
     let body_limit = state.settings.body_limit;
-    let api = Router::new()
-        .route("/enroll", post(device::enroll))
-        .route("/auth", post(device::auth))
-        .route("/heartbeat", post(device::heartbeat))
-        .route("/tenants", get(rest::list_tenants))
-        .route("/tenants/{name}", get(rest::get_tenant))
-        .route("/tokens", get(rest::list_tokens).post(rest::create_token))
-        .route("/tokens/{id}", get(rest::get_token))
-        .route("/tokens/{id}/revoke", post(rest::revoke_token))
+    // Full paths rather than `nest`: a nested router rewrites every request's URI on the way in.
+    let v1 = |path: &str| format!("{}{path}", kernex_protocol::API_PREFIX);
+    Router::new()
+        .route(&v1("/enroll"), post(device::enroll))
+        .route(&v1("/auth"), post(device::auth))
+        .route(&v1("/heartbeat"), post(device::heartbeat))
+        .route(&v1("/tenants"), get(rest::list_tenants))
+        .route(&v1("/tenants/{name}"), get(rest::get_tenant))
         .route(
-            "/apikeys",
+            &v1("/tokens"),
+            get(rest::list_tokens).post(rest::create_token),
+        )
+        .route(&v1("/tokens/{id}"), get(rest::get_token))
+        .route(&v1("/tokens/{id}/revoke"), post(rest::revoke_token))
+        .route(
+            &v1("/apikeys"),
             get(rest::list_api_keys).post(rest::create_api_key),
         )
-        .route("/apikeys/{id}/revoke", post(rest::revoke_api_key))
-        .route("/devices", get(rest::list_devices))
+        .route(&v1("/apikeys/{id}/revoke"), post(rest::revoke_api_key))
+        .route(&v1("/devices"), get(rest::list_devices))
         .route(
-            "/devices/{id}",
+            &v1("/devices/{id}"),
             get(rest::get_device).delete(rest::deregister_device),
         )
         .route(
-            "/devices/{id}/commands",
+            &v1("/devices/{id}/commands"),
             get(rest::list_commands).post(rest::queue_command),
         )
-        .route("/devices/{id}/commands/{command}", get(rest::get_command))
-        .route("/audit", get(rest::list_audit));
-    Router::new()
-        .nest(kernex_protocol::API_PREFIX, api)
+        .route(
+            &v1("/devices/{id}/commands/{command}"),
+            get(rest::get_command),
+        )
+        .route(&v1("/audit"), get(rest::list_audit))
         .route("/healthz", get(rest::healthz))
         .route("/readyz", get(rest::readyz))
         .fallback(|| async { ApiError::not_found("not_found", "no such route") })
@@ -155,7 +161,7 @@ mod tests {
 
     async fn test_app(dir: &std::path::Path) -> Router {
         let db = Db::open(None, dir).await.unwrap();
-        let heartbeats = HeartbeatWriter::start(db.clone(), WriterConfig::default());
+        let heartbeats = HeartbeatWriter::start(&db, WriterConfig::default()).unwrap();
         app(AppState::new(
             db,
             heartbeats,

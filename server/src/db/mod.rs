@@ -95,28 +95,6 @@ impl Db {
         .context("running database migrations")
     }
 
-    /// The pool the heartbeat writer uses. On SQLite: its own single connection with a page cache
-    /// large enough for the whole devices table (64 MiB at most, grown only as pages are touched),
-    /// so a beat of any of 100k devices finds its page in memory; the shared pool keeps SQLite's
-    /// small default cache per connection.
-    pub fn heartbeat_writer_pool(&self) -> Db {
-        match self {
-            Db::Sqlite(pool) => {
-                let options = (*pool.connect_options())
-                    .clone()
-                    .pragma("cache_size", "-65536");
-                Db::Sqlite(
-                    SqlitePoolOptions::new()
-                        .max_connections(1)
-                        .min_connections(0)
-                        .acquire_timeout(Duration::from_secs(10))
-                        .connect_lazy_with(options),
-                )
-            }
-            Db::Postgres(_) => self.clone(),
-        }
-    }
-
     pub fn backend(&self) -> &'static str {
         match self {
             Db::Sqlite(_) => "sqlite",

@@ -1,0 +1,296 @@
+//! The heartbeat path: handlers hand each beat to a writer that commits many beats in one
+//! transaction, so the cost of a durable commit (an fsync on SQLite) is shared by everything that
+//! arrived while the previous commit was running. Nothing waits on a timer: under light load a
+//! batch is one beat, under heavy load it grows by itself.
+//!
+//! Each backend has its writer, behind the same queue:
+//! - SQLite ([`sqlite`]): one OS thread that owns a `rusqlite` connection and runs a whole batch as
+//!   plain function calls. sqlx's SQLite driver sends every statement and every returned row to its
+//!   worker thread as a message; on a busy 2-core machine each of those hand-offs waits for a time
+//!   slice, and a batch of ~100 beats spent more time being handed around than in SQLite.
+//! - PostgreSQL ([`postgres`]): several sqlx tasks committing concurrently, each batch as a few
+//!   fixed statements with the rows as one JSON parameter.
+//!
+//! When the queue is full the handler answers `503 overloaded` with `Retry-After` at once instead
+//! of queueing without bound; agents back off and come back.
+
+mod postgres;
+mod sqlite;
+
+use crate::db::Db;
+use crate::error::ApiError;
+use kernex_protocol::wire::{CommandAck, CommandOutcome, DeviceCommand};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use tokio::sync::{mpsc, oneshot};
+
+/// One accepted heartbeat on its way to the database.
+#[derive(Debug)]
+pub struct Beat {
+    pub device_id: String,
+    pub agent_version: String,
+    pub interval_s: u32,
+    /// Telemetry already serialized by the handler, off the writer's critical path.
+    pub telemetry_json: String,
+    pub acks: Vec<CommandAck>,
+}
+
+/// What the database said about a beat.
+#[derive(Debug, PartialEq)]
+pub enum BeatOutcome {
+    /// Stored; these commands are open for the device.
+    Accepted {
+        commands: Vec<DeviceCommand>,
+    },
+    Deregistered,
+    UnknownDevice,
+}
+
+type Reply = oneshot::Sender<Result<BeatOutcome, ApiError>>;
+type Queue = mpsc::Receiver<(Beat, Reply)>;
+
+/// Handle to the writer; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct HeartbeatWriter {
+    queue: mpsc::Sender<(Beat, Reply)>,
+}
+
+/// Tuning of the writer.
+#[derive(Debug, Clone, Copy)]
+pub struct WriterConfig {
+    /// Beats waiting beyond this many are refused with 503.
+    pub queue_depth: usize,
+    /// Most beats committed in one transaction.
+    pub max_batch: usize,
+}
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        WriterConfig {
+            queue_depth: 16_384,
+            max_batch: 1_024,
+        }
+    }
+}
+
+impl HeartbeatWriter {
+    /// Starts the backend's writer. Fails when the SQLite file cannot be opened for writing.
+    pub fn start(db: &Db, config: WriterConfig) -> anyhow::Result<HeartbeatWriter> {
+        let (queue, receiver) = mpsc::channel(config.queue_depth);
+        match db {
+            Db::Sqlite(pool) => {
+                sqlite::start(pool.connect_options().get_filename(), receiver, config)?
+            }
+            Db::Postgres(pool) => postgres::start(pool, receiver, config),
+        }
+        Ok(HeartbeatWriter { queue })
+    }
+
+    /// Queues a beat and waits until it is committed.
+    pub async fn submit(&self, beat: Beat) -> Result<BeatOutcome, ApiError> {
+        let (reply, outcome) = oneshot::channel();
+        self.queue.try_send((beat, reply)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => ApiError::Overloaded { retry_after_s: 2 },
+            mpsc::error::TrySendError::Closed(_) => {
+                ApiError::Internal(anyhow::anyhow!("heartbeat writer has stopped"))
+            }
+        })?;
+        outcome
+            .await
+            .map_err(|_| ApiError::Internal(anyhow::anyhow!("heartbeat writer dropped a beat")))?
+    }
+}
+
+/// What one committed batch did, per device; turned into one outcome per beat by [`answer`].
+#[derive(Debug, Default)]
+struct Committed {
+    /// Devices whose beat was stored.
+    stored: HashSet<String>,
+    /// Devices that exist but were not stored (deregistered before this batch).
+    not_stored_but_known: HashSet<String>,
+    /// Devices that acknowledged a `deregister` command in this batch.
+    deregistered_now: HashSet<String>,
+    /// Commands sent with the answer, per device.
+    open: HashMap<String, Vec<DeviceCommand>>,
+}
+
+/// The beats of a batch to store: one per device, its latest (a device that beat twice while a
+/// commit was running is stored once).
+fn latest_per_device(batch: &[(Beat, Reply)]) -> Vec<&Beat> {
+    let mut latest: BTreeMap<&str, &Beat> = BTreeMap::new();
+    for (beat, _) in batch {
+        latest.insert(beat.device_id.as_str(), beat);
+    }
+    latest.into_values().collect()
+}
+
+/// The state a command takes when a device acknowledges it.
+fn ack_state(outcome: CommandOutcome) -> &'static str {
+    match outcome {
+        CommandOutcome::Succeeded => "succeeded",
+        CommandOutcome::Failed => "failed",
+    }
+}
+
+/// Closes an open command acknowledged by its device; returns its kind. The same text on both
+/// backends (`$N` in order of first use, which SQLite binds positionally).
+const ACK_SQL: &str = "UPDATE commands SET state = $1, output = $2, completed_at = $3
+     WHERE id = $4 AND device_id = $5 AND state IN ('queued', 'delivered') RETURNING kind";
+
+/// Marks a device deregistered once it acknowledged the `deregister` command.
+const DEREGISTER_SQL: &str =
+    "UPDATE devices SET deregistered_at = $1 WHERE id = $2 AND deregistered_at IS NULL";
+
+/// Answers every beat of the batch from what the commit did, or with 503 when it failed.
+fn answer(batch: &mut Vec<(Beat, Reply)>, committed: Result<Committed, String>) {
+    let committed = match committed {
+        Ok(committed) => committed,
+        Err(err) => {
+            tracing::warn!(error = %err, beats = batch.len(), "committing heartbeats failed");
+            for (_, reply) in batch.drain(..) {
+                let _ = reply.send(Err(ApiError::DatabaseUnavailable { retry_after_s: 5 }));
+            }
+            return;
+        }
+    };
+    for (beat, reply) in batch.drain(..) {
+        let outcome = if committed.deregistered_now.contains(&beat.device_id) {
+            BeatOutcome::Deregistered
+        } else if committed.stored.contains(&beat.device_id) {
+            BeatOutcome::Accepted {
+                commands: committed
+                    .open
+                    .get(&beat.device_id)
+                    .cloned()
+                    .unwrap_or_default(),
+            }
+        } else if committed.not_stored_but_known.contains(&beat.device_id) {
+            BeatOutcome::Deregistered
+        } else {
+            BeatOutcome::UnknownDevice
+        };
+        let _ = reply.send(Ok(outcome));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::{commands, devices, tenants};
+    use kernex_protocol::wire::CommandSpec;
+
+    fn beat(device_id: &str, acks: Vec<CommandAck>) -> Beat {
+        Beat {
+            device_id: device_id.into(),
+            agent_version: "test".into(),
+            interval_s: 60,
+            telemetry_json: r#"{"load1":0.5}"#.into(),
+            acks,
+        }
+    }
+
+    fn ack(id: &str) -> CommandAck {
+        CommandAck {
+            id: id.into(),
+            outcome: CommandOutcome::Succeeded,
+            output: "done".into(),
+        }
+    }
+
+    fn commands_of(outcome: BeatOutcome) -> Vec<String> {
+        match outcome {
+            BeatOutcome::Accepted { commands } => commands.into_iter().map(|c| c.kind).collect(),
+            other => panic!("expected an accepted beat, got {other:?}"),
+        }
+    }
+
+    /// The SQLite writer end to end: stored telemetry, unknown devices, commands delivered until
+    /// acknowledged, deregistration by command, and a burst of concurrent beats in few batches.
+    #[tokio::test]
+    async fn sqlite_writer_stores_beats_and_delivers_commands() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(None, dir.path()).await.unwrap();
+        let tenant = tenants::create(&db, "acme").await.unwrap();
+        let tokens = dir.path().join("tokens");
+        crate::preauthorize::preauthorize(
+            &db,
+            &tenant,
+            2,
+            std::time::Duration::from_secs(60),
+            &tokens,
+        )
+        .await
+        .unwrap();
+        let ids: Vec<String> = std::fs::read_to_string(&tokens)
+            .unwrap()
+            .lines()
+            .map(|l| l.split(' ').next().unwrap().to_owned())
+            .collect();
+        let (a, b) = (&ids[0], &ids[1]);
+        let writer = HeartbeatWriter::start(&db, WriterConfig::default()).unwrap();
+
+        assert_eq!(
+            writer.submit(beat("no-such-device", vec![])).await.unwrap(),
+            BeatOutcome::UnknownDevice
+        );
+        assert!(commands_of(writer.submit(beat(a, vec![])).await.unwrap()).is_empty());
+        let stored = devices::by_id(&db, a).await.unwrap().unwrap();
+        assert!(stored.last_heartbeat.is_some());
+        assert_eq!(stored.telemetry.as_deref(), Some(r#"{"load1":0.5}"#));
+
+        // Delivered with every beat until acknowledged; an ack closes it with its output.
+        let ping = commands::queue(&db, a, &CommandSpec::Ping, "test")
+            .await
+            .unwrap();
+        assert_eq!(
+            commands_of(writer.submit(beat(a, vec![])).await.unwrap()),
+            ["ping"]
+        );
+        assert_eq!(
+            commands_of(writer.submit(beat(a, vec![])).await.unwrap()),
+            ["ping"]
+        );
+        assert!(commands_of(writer.submit(beat(a, vec![ack(&ping.id)])).await.unwrap()).is_empty());
+        let closed = commands::get(&db, a, &ping.id).await.unwrap().unwrap();
+        assert_eq!((closed.state.as_str(), closed.deliveries), ("succeeded", 2));
+        assert_eq!(closed.output.as_deref(), Some("done"));
+
+        // A burst: every beat answered, both devices stored.
+        let burst: Vec<_> = (0..500)
+            .map(|i| {
+                let writer = writer.clone();
+                let id = if i % 2 == 0 { a.clone() } else { b.clone() };
+                tokio::spawn(async move { writer.submit(beat(&id, vec![])).await })
+            })
+            .collect();
+        for handle in burst {
+            assert!(commands_of(handle.await.unwrap().unwrap()).is_empty());
+        }
+        assert!(devices::by_id(&db, b)
+            .await
+            .unwrap()
+            .unwrap()
+            .last_heartbeat
+            .is_some());
+
+        // Deregistration takes effect when the device acknowledges it, and sticks.
+        let deregister = commands::queue(&db, a, &CommandSpec::Deregister, "test")
+            .await
+            .unwrap();
+        assert_eq!(
+            commands_of(writer.submit(beat(a, vec![])).await.unwrap()),
+            ["deregister"]
+        );
+        assert_eq!(
+            writer
+                .submit(beat(a, vec![ack(&deregister.id)]))
+                .await
+                .unwrap(),
+            BeatOutcome::Deregistered
+        );
+        assert_eq!(
+            writer.submit(beat(a, vec![])).await.unwrap(),
+            BeatOutcome::Deregistered
+        );
+        assert!(commands_of(writer.submit(beat(b, vec![])).await.unwrap()).is_empty());
+    }
+}

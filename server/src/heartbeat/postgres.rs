@@ -1,0 +1,175 @@
+//! The PostgreSQL heartbeat writer: several tasks commit batches concurrently, each batch as a few
+//! fixed statements with the rows as one JSON parameter (prepared once, cached, whatever the batch
+//! size). Should two batches ever deadlock on the same device rows, PostgreSQL aborts one and its
+//! beats are answered 503 (agents retry).
+
+use super::{answer, latest_per_device, Beat, Committed, Queue, Reply, WriterConfig};
+use super::{ACK_SQL, DEREGISTER_SQL};
+use crate::db::now_ms;
+use kernex_protocol::wire::{DeviceCommand, MAX_COMMAND_OUTPUT};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Mutex;
+
+/// Concurrent writers: enough to overlap one batch's commit with the next one's statements.
+const WRITERS: u32 = 4;
+
+const STORE: &str = "UPDATE devices SET last_heartbeat = $1, interval_s = v.interval_s, agent_version = v.agent_version,
+        telemetry = v.telemetry
+        FROM jsonb_to_recordset($2::text::jsonb) AS v(id text, interval_s bigint, agent_version text, telemetry text)
+        WHERE devices.id = v.id AND devices.deregistered_at IS NULL RETURNING devices.id";
+const EXISTING: &str =
+    "SELECT id FROM devices WHERE id IN (SELECT jsonb_array_elements_text($1::text::jsonb))";
+const OPEN_COMMANDS: &str = "SELECT device_id, id, kind, args FROM commands
+        WHERE device_id IN (SELECT jsonb_array_elements_text($1::text::jsonb)) AND state IN ('queued', 'delivered')
+        ORDER BY created_at, id";
+const MARK_DELIVERED: &str = "UPDATE commands SET state = 'delivered', delivered_at = COALESCE(delivered_at, $1),
+        deliveries = deliveries + 1 WHERE id IN (SELECT jsonb_array_elements_text($2::text::jsonb))";
+
+/// One row of the batch as the `STORE` statement reads it.
+#[derive(serde::Serialize)]
+struct StoredBeat<'a> {
+    id: &'a str,
+    interval_s: u32,
+    agent_version: &'a str,
+    telemetry: &'a str,
+}
+
+pub(super) fn start(pool: &PgPool, receiver: Queue, config: WriterConfig) {
+    // Own connections, not checked before each use: a broken one fails its batch (503, retried by
+    // the agents) instead of costing every batch a round trip.
+    let pool = PgPoolOptions::new()
+        .max_connections(WRITERS)
+        .min_connections(0)
+        .acquire_timeout(Duration::from_secs(5))
+        .test_before_acquire(false)
+        .connect_lazy_with((*pool.connect_options()).clone());
+    let receiver = Arc::new(Mutex::new(receiver));
+    for _ in 0..WRITERS {
+        tokio::spawn(run(pool.clone(), receiver.clone(), config.max_batch));
+    }
+}
+
+async fn run(pool: PgPool, receiver: Arc<Mutex<Queue>>, max_batch: usize) {
+    let mut batch = Vec::with_capacity(max_batch);
+    loop {
+        {
+            let mut receiver = receiver.lock().await;
+            if receiver.recv_many(&mut batch, max_batch).await == 0 {
+                return; // every sender is gone: the server is shutting down
+            }
+        }
+        let committed = write_batch(&pool, &batch, now_ms())
+            .await
+            .map_err(|e| e.to_string());
+        answer(&mut batch, committed);
+    }
+}
+
+fn json_array<T: serde::Serialize>(items: &[T]) -> String {
+    serde_json::to_string(items).expect("batch rows serialize")
+}
+
+/// Commits every beat of `batch` in one transaction: one UPDATE stores every beat, one SELECT finds
+/// the open commands of every device in the batch, one UPDATE marks them delivered. Acks (rare)
+/// are per command.
+async fn write_batch(
+    pool: &PgPool,
+    batch: &[(Beat, Reply)],
+    now: i64,
+) -> Result<Committed, sqlx::Error> {
+    let beats = latest_per_device(batch);
+    let rows: Vec<StoredBeat<'_>> = beats
+        .iter()
+        .map(|b| StoredBeat {
+            id: &b.device_id,
+            interval_s: b.interval_s,
+            agent_version: &b.agent_version,
+            telemetry: &b.telemetry_json,
+        })
+        .collect();
+    let mut committed = Committed::default();
+    let mut tx = pool.begin().await?;
+    committed.stored.extend(
+        sqlx::query_scalar::<_, String>(STORE)
+            .bind(now)
+            .bind(json_array(&rows))
+            .fetch_all(&mut *tx)
+            .await?,
+    );
+    let missing: Vec<&str> = beats
+        .iter()
+        .map(|b| b.device_id.as_str())
+        .filter(|id| !committed.stored.contains(*id))
+        .collect();
+    if !missing.is_empty() {
+        committed.not_stored_but_known.extend(
+            sqlx::query_scalar::<_, String>(EXISTING)
+                .bind(json_array(&missing))
+                .fetch_all(&mut *tx)
+                .await?,
+        );
+    }
+    for beat in beats
+        .iter()
+        .filter(|b| committed.stored.contains(&b.device_id))
+    {
+        for ack in &beat.acks {
+            let kind: Option<String> = sqlx::query_scalar(ACK_SQL)
+                .bind(super::ack_state(ack.outcome))
+                .bind(kernex_protocol::truncate_utf8(
+                    &ack.output,
+                    MAX_COMMAND_OUTPUT,
+                ))
+                .bind(now)
+                .bind(&ack.id)
+                .bind(&beat.device_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if kind.as_deref() == Some("deregister")
+                && ack.outcome == kernex_protocol::wire::CommandOutcome::Succeeded
+            {
+                sqlx::query(DEREGISTER_SQL)
+                    .bind(now)
+                    .bind(&beat.device_id)
+                    .execute(&mut *tx)
+                    .await?;
+                committed.deregistered_now.insert(beat.device_id.clone());
+            }
+        }
+    }
+    let live: Vec<&str> = committed
+        .stored
+        .iter()
+        .map(String::as_str)
+        .filter(|id| !committed.deregistered_now.contains(*id))
+        .collect();
+    let mut delivered: Vec<String> = Vec::new();
+    if !live.is_empty() {
+        let rows = sqlx::query_as::<_, (String, String, String, String)>(OPEN_COMMANDS)
+            .bind(json_array(&live))
+            .fetch_all(&mut *tx)
+            .await?;
+        for (device_id, id, kind, args) in rows {
+            delivered.push(id.clone());
+            let args = serde_json::from_str(&args).unwrap_or(serde_json::Value::Null);
+            committed
+                .open
+                .entry(device_id)
+                .or_default()
+                .push(DeviceCommand { id, kind, args });
+        }
+    }
+    // Mark exactly what is sent: a command queued meanwhile stays `queued` for the next beat.
+    if !delivered.is_empty() {
+        sqlx::query(MARK_DELIVERED)
+            .bind(now)
+            .bind(json_array(&delivered))
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(committed)
+}
