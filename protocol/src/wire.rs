@@ -40,6 +40,9 @@ pub struct EnrollResponse {
     pub tenant: String,
     /// False when the request matched an existing device (same key, or same hardware id re-keyed).
     pub created: bool,
+    /// PEM public keys of the publishers whose bundles the tenant trusts.
+    #[serde(default)]
+    pub publisher_keys: Vec<String>,
 }
 
 /// `POST /api/v1/auth`, signed with the device key: trades one RSA signature for a bearer token.
@@ -57,6 +60,9 @@ pub struct AuthResponse {
     /// Bearer token for heartbeats; opaque to the agent.
     pub token: String,
     pub expires_in_s: u64,
+    /// The tenant's trusted publisher keys as of now (keys added or revoked since enrollment).
+    #[serde(default)]
+    pub publisher_keys: Vec<String>,
 }
 
 /// `POST /api/v1/heartbeat` with `Authorization: Bearer <device token>`.
@@ -121,6 +127,130 @@ pub enum CommandSpec {
     SetInterval(SetIntervalArgs),
     /// The device forgets its identity and stops; the server refuses it from then on.
     Deregister,
+    /// Install a bundle as part of a deployment. Sent by the rollout engine only, never queued by
+    /// hand ([`CommandSpec::is_internal`]).
+    Deploy(DeployArgs),
+}
+
+/// What a device needs to fetch, verify and install a bundle.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DeployArgs {
+    pub deployment: String,
+    pub bundle: String,
+    pub name: String,
+    pub version: String,
+    /// Hex SHA-256 of the archive part, the digest the publisher signed.
+    pub sha256: String,
+    /// Bytes of the whole packed file.
+    pub size: u64,
+    /// Path on the server (`/api/v1/bundles/{id}/content`), fetched with the device's bearer token.
+    pub url: String,
+    /// Set on an explicit rollback: an older version may replace the active one.
+    #[serde(default)]
+    pub allow_downgrade: bool,
+    /// The device's class (its `class` label), matched against the manifest's `compatible`.
+    #[serde(default)]
+    pub device_class: Option<String>,
+}
+
+/// Where a device is with one deployment, in the order a deployment goes through them.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeploymentState {
+    /// Targeted, not released yet (a later phase, or waiting for a slot).
+    Pending,
+    /// Released: the `deploy` command is on its way.
+    Queued,
+    Downloading,
+    Verifying,
+    Installing,
+    HealthChecking,
+    Succeeded,
+    Failed,
+    /// The new version failed its health check and the previous one is active again.
+    RolledBack,
+    Cancelled,
+}
+
+impl DeploymentState {
+    pub const ALL: [DeploymentState; 10] = [
+        DeploymentState::Pending,
+        DeploymentState::Queued,
+        DeploymentState::Downloading,
+        DeploymentState::Verifying,
+        DeploymentState::Installing,
+        DeploymentState::HealthChecking,
+        DeploymentState::Succeeded,
+        DeploymentState::Failed,
+        DeploymentState::RolledBack,
+        DeploymentState::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeploymentState::Pending => "pending",
+            DeploymentState::Queued => "queued",
+            DeploymentState::Downloading => "downloading",
+            DeploymentState::Verifying => "verifying",
+            DeploymentState::Installing => "installing",
+            DeploymentState::HealthChecking => "health-checking",
+            DeploymentState::Succeeded => "succeeded",
+            DeploymentState::Failed => "failed",
+            DeploymentState::RolledBack => "rolled-back",
+            DeploymentState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<DeploymentState> {
+        DeploymentState::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// No further change once here.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            DeploymentState::Succeeded
+                | DeploymentState::Failed
+                | DeploymentState::RolledBack
+                | DeploymentState::Cancelled
+        )
+    }
+
+    /// Released to the device and not finished.
+    pub fn is_in_flight(self) -> bool {
+        !self.is_terminal() && self != DeploymentState::Pending
+    }
+
+    /// Order along the happy path; a report never moves a device backwards.
+    pub fn rank(self) -> u8 {
+        DeploymentState::ALL
+            .iter()
+            .position(|s| *s == self)
+            .map_or(0, |p| p as u8)
+    }
+}
+
+/// `POST /api/v1/deployments/{id}/status`, from the device (bearer token): one state change.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DeploymentReport {
+    pub state: DeploymentState,
+    #[serde(default)]
+    pub message: String,
+    /// The last lines of script output, at most [`MAX_LOG_TAIL`] bytes.
+    #[serde(default)]
+    pub log_tail: String,
+}
+
+/// Longest log tail a device reports per state change.
+pub const MAX_LOG_TAIL: usize = 4096;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct DeploymentReportResponse {
+    /// The deployment was cancelled: stop unless the new version is already active.
+    #[serde(default)]
+    pub cancelled: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -160,7 +290,13 @@ impl CommandSpec {
             CommandSpec::Ping => "ping",
             CommandSpec::SetInterval(_) => "set-interval",
             CommandSpec::Deregister => "deregister",
+            CommandSpec::Deploy(_) => "deploy",
         }
+    }
+
+    /// Commands only the server itself issues (operators use the deployments API instead).
+    pub fn is_internal(&self) -> bool {
+        matches!(self, CommandSpec::Deploy(_))
     }
 }
 

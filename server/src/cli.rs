@@ -15,7 +15,7 @@ use std::path::PathBuf;
 #[command(
     name = "kernex-server",
     version,
-    about = "Kernex control plane: tenants, bootstrap tokens, devices, commands."
+    about = "Kernex control plane: tenants, bootstrap tokens, devices, commands, bundles, deployments."
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -27,7 +27,7 @@ pub struct Cli {
 /// Where state lives; shared by every subcommand.
 #[derive(Debug, Args)]
 pub struct StorageArgs {
-    /// Directory for the embedded SQLite database (and, later, bundles).
+    /// Directory for the embedded SQLite database and the bundle store (`bundles/`).
     #[arg(
         long,
         global = true,
@@ -61,6 +61,30 @@ pub enum Command {
     /// Fleet-wide device operations for provisioning and load tests.
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// Make publisher keys and signed bundles (no database needed).
+    #[command(subcommand)]
+    Bundle(BundleCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BundleCommand {
+    /// Generate an RSA-4096 publisher key: the private key in OUT (mode 0600), the public half in
+    /// OUT with `.pub.pem` instead of `.pem` (upload it with POST /api/v1/publisher-keys).
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Pack DIR (with manifest.toml at its root) into one signed bundle file.
+    Pack {
+        dir: PathBuf,
+        /// The publisher's private key (from `bundle keygen`).
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -83,6 +107,15 @@ pub struct ServeArgs {
     /// Lifetime of the bearer tokens devices get from /api/v1/auth.
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     pub device_token_ttl: std::time::Duration,
+    /// Largest bundle upload accepted, in MiB.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_bundle_mib: u64,
+    /// Versions kept per bundle name; older ones are deleted unless a deployment still uses them.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub bundle_retention: u64,
+    /// How often the rollout engine checks running deployments when nothing wakes it earlier.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub rollout_interval: std::time::Duration,
 }
 
 #[derive(Debug, Subcommand)]
@@ -170,13 +203,84 @@ pub enum DeviceCommand {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Bundle(command) = cli.command {
+        return bundle_command(command);
+    }
     let db = Db::open(cli.storage.database.as_deref(), &cli.storage.data_dir).await?;
-    let result = dispatch(&db, cli.command).await;
+    let result = dispatch(&db, &cli.storage.data_dir, cli.command).await;
     db.close().await;
     result
 }
 
-async fn dispatch(db: &Db, command: Command) -> anyhow::Result<()> {
+fn bundle_command(command: BundleCommand) -> anyhow::Result<()> {
+    use kernex_protocol::bundle::{pack, PublisherKey};
+    match command {
+        BundleCommand::Keygen { out } => {
+            let public = out.with_extension("pub.pem");
+            anyhow::ensure!(
+                !out.exists(),
+                "{} exists: refusing to overwrite a private key",
+                out.display()
+            );
+            let key = PublisherKey::generate().context("generating the publisher key")?;
+            write_private(&out, key.to_pkcs8_pem()?.as_bytes())?;
+            std::fs::write(&public, key.public().to_pem())
+                .with_context(|| format!("writing {}", public.display()))?;
+            println!(
+                "publisher key {} written to {} (public half {})",
+                key.public().fingerprint(),
+                out.display(),
+                public.display()
+            );
+            Ok(())
+        }
+        BundleCommand::Pack {
+            dir,
+            key,
+            out,
+            json,
+        } => {
+            let pem = std::fs::read_to_string(&key)
+                .with_context(|| format!("reading publisher key {}", key.display()))?;
+            let key = PublisherKey::from_pkcs8_pem(&pem)
+                .with_context(|| format!("publisher key {}", key.display()))?;
+            let packed = pack(&dir, &key, &out)
+                .with_context(|| format!("packing {} into {}", dir.display(), out.display()))?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"name": packed.manifest.name, "version": packed.manifest.version,
+                           "sha256": packed.sha256, "size": packed.bytes, "file": out})
+                );
+            } else {
+                println!(
+                    "{} {} packed into {} ({} bytes, sha256 {})",
+                    packed.manifest.name,
+                    packed.manifest.version,
+                    out.display(),
+                    packed.bytes,
+                    packed.sha256
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn write_private(path: &std::path::Path, data: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(data)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+async fn dispatch(db: &Db, data_dir: &std::path::Path, command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve(args) => {
             let options = ServeOptions {
@@ -186,8 +290,12 @@ async fn dispatch(db: &Db, command: Command) -> anyhow::Result<()> {
                     heartbeat_interval: args.heartbeat_interval,
                     offline_after: args.offline_after,
                     device_token_ttl: args.device_token_ttl,
+                    max_bundle_bytes: args.max_bundle_mib << 20,
+                    bundle_retention: args.bundle_retention as usize,
                     ..ApiSettings::default()
                 },
+                bundle_dir: data_dir.join("bundles"),
+                rollout_every: args.rollout_interval,
             };
             serve(db.clone(), options).await
         }
@@ -318,6 +426,7 @@ async fn dispatch(db: &Db, command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Bundle(command) => bundle_command(command),
         Command::Device(DeviceCommand::Preauthorize {
             tenant,
             count,

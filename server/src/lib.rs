@@ -8,7 +8,9 @@ pub mod device_token;
 pub mod error;
 pub mod heartbeat;
 pub mod preauthorize;
+pub mod rollout;
 pub mod serve;
+pub mod store;
 
 /// Sets up logging: `KERNEX_LOG` (an env-filter, default `info`) and `KERNEX_LOG_FORMAT=json` for
 /// one JSON object per line.

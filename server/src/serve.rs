@@ -1,9 +1,11 @@
 //! Binding the router to a socket: plain HTTP or rustls HTTPS, graceful shutdown on SIGINT/SIGTERM.
 
-use crate::api::{app, ApiSettings, AppState};
+use crate::api::{app, ApiSettings, AppState, Shared};
 use crate::db::{secrets, Db};
 use crate::device_token::DeviceTokenKey;
 use crate::heartbeat::{HeartbeatWriter, WriterConfig};
+use crate::rollout::RolloutEngine;
+use crate::store::ObjectStore;
 use anyhow::Context as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,6 +20,10 @@ pub struct ServeOptions {
     /// Certificate chain and private key, both PEM files.
     pub tls: Option<(PathBuf, PathBuf)>,
     pub api: ApiSettings,
+    /// Where bundle files are kept (`<data dir>/bundles`).
+    pub bundle_dir: PathBuf,
+    /// How often the rollout engine looks at running deployments when nothing wakes it.
+    pub rollout_every: Duration,
 }
 
 pub async fn serve(db: Db, options: ServeOptions) -> anyhow::Result<()> {
@@ -26,12 +32,14 @@ pub async fn serve(db: Db, options: ServeOptions) -> anyhow::Result<()> {
         .context("loading the device-token key")?;
     let heartbeats = HeartbeatWriter::start(&db, WriterConfig::default())
         .context("starting the heartbeat writer")?;
-    let state = AppState::new(
-        db.clone(),
+    let state = AppState::new(Shared {
+        db: db.clone(),
         heartbeats,
-        DeviceTokenKey::new(&secret),
-        options.api,
-    );
+        device_tokens: DeviceTokenKey::new(&secret),
+        settings: options.api,
+        store: ObjectStore::local(&options.bundle_dir)?,
+        rollouts: RolloutEngine::start(db.clone(), options.rollout_every),
+    });
     let service = app(state).into_make_service_with_connect_info::<SocketAddr>();
 
     let handle = axum_server::Handle::new();

@@ -2,6 +2,7 @@
 
 use super::extract::{bearer, ApiJson, SignedBody};
 use super::AppState;
+use crate::db::bundles;
 use crate::db::devices;
 use crate::db::tokens::TokenState;
 use crate::db::{audit, new_id, now_ms, tenants, tokens, with_pool};
@@ -92,6 +93,7 @@ pub async fn enroll(
             StatusCode::OK,
             Json(EnrollResponse {
                 device_id: device.id,
+                publisher_keys: bundles::trusted_pems(&state.db, &tenant.id).await?,
                 tenant: tenant.name,
                 created: false,
             }),
@@ -201,6 +203,7 @@ pub async fn enroll(
         status,
         Json(EnrollResponse {
             device_id,
+            publisher_keys: bundles::trusted_pems(&state.db, &tenant.id).await?,
             tenant: tenant.name,
             created: status == StatusCode::CREATED,
         }),
@@ -248,6 +251,7 @@ pub async fn auth(
         ));
     }
     let ttl = state.settings.device_token_ttl.as_secs();
+    let publisher_keys = bundles::trusted_pems(&state.db, &device.tenant_id).await?;
     let token = state.device_tokens.issue(&DeviceClaims {
         device_id: device.id,
         tenant_id: device.tenant_id,
@@ -256,6 +260,7 @@ pub async fn auth(
     Ok(Json(AuthResponse {
         token,
         expires_in_s: ttl,
+        publisher_keys,
     }))
 }
 

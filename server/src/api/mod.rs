@@ -3,6 +3,8 @@
 //! [`app`] builds the router from an [`AppState`] and does no I/O of its own, so tests drive it with
 //! `tower::ServiceExt::oneshot` and `serve` binds it to a socket.
 
+mod bundles;
+mod deployments;
 mod device;
 mod extract;
 mod rest;
@@ -11,6 +13,8 @@ use crate::db::Db;
 use crate::device_token::DeviceTokenKey;
 use crate::error::ApiError;
 use crate::heartbeat::HeartbeatWriter;
+use crate::rollout::RolloutEngine;
+use crate::store::ObjectStore;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
@@ -26,8 +30,12 @@ pub struct ApiSettings {
     pub offline_after: u32,
     /// Lifetime of a device bearer token.
     pub device_token_ttl: Duration,
-    /// Largest request body accepted, in bytes.
+    /// Largest request body accepted, in bytes (bundle uploads excepted).
     pub body_limit: usize,
+    /// Largest bundle upload accepted, in bytes.
+    pub max_bundle_bytes: u64,
+    /// Versions of each bundle name kept; older ones are retired unless a deployment uses them.
+    pub bundle_retention: usize,
 }
 
 impl Default for ApiSettings {
@@ -37,6 +45,8 @@ impl Default for ApiSettings {
             offline_after: 3,
             device_token_ttl: Duration::from_secs(3600),
             body_limit: 64 * 1024,
+            max_bundle_bytes: 4 << 30,
+            bundle_retention: 5,
         }
     }
 }
@@ -50,21 +60,13 @@ pub struct Shared {
     pub heartbeats: HeartbeatWriter,
     pub device_tokens: DeviceTokenKey,
     pub settings: ApiSettings,
+    pub store: ObjectStore,
+    pub rollouts: RolloutEngine,
 }
 
 impl AppState {
-    pub fn new(
-        db: Db,
-        heartbeats: HeartbeatWriter,
-        device_tokens: DeviceTokenKey,
-        settings: ApiSettings,
-    ) -> AppState {
-        AppState(Arc::new(Shared {
-            db,
-            heartbeats,
-            device_tokens,
-            settings,
-        }))
+    pub fn new(shared: Shared) -> AppState {
+        AppState(Arc::new(shared))
     }
 }
 
@@ -110,6 +112,32 @@ pub fn app(state: AppState) -> Router {
             get(rest::get_command),
         )
         .route(&v1("/audit"), get(rest::list_audit))
+        .route(
+            &v1("/publisher-keys"),
+            get(bundles::list_publisher_keys).post(bundles::add_publisher_key),
+        )
+        .route(
+            &v1("/publisher-keys/{id}/revoke"),
+            post(bundles::revoke_publisher_key),
+        )
+        .route(&v1("/bundles/{id}"), get(bundles::get))
+        .route(
+            &v1("/deployments"),
+            get(deployments::list).post(deployments::create),
+        )
+        .route(&v1("/deployments/{id}"), get(deployments::get))
+        .route(&v1("/deployments/{id}/pause"), post(deployments::pause))
+        .route(&v1("/deployments/{id}/resume"), post(deployments::resume))
+        .route(&v1("/deployments/{id}/cancel"), post(deployments::cancel))
+        .route(
+            &v1("/deployments/{id}/rollback"),
+            post(deployments::rollback),
+        )
+        .route(&v1("/deployments/{id}/status"), post(deployments::report))
+        .route(
+            &v1("/devices/{id}/labels"),
+            axum::routing::put(deployments::put_labels),
+        )
         .route("/healthz", get(rest::healthz))
         .route("/readyz", get(rest::readyz))
         .fallback(|| async { ApiError::not_found("not_found", "no such route") })
@@ -123,6 +151,14 @@ pub fn app(state: AppState) -> Router {
             read_whole_body,
         ))
         .layer(DefaultBodyLimit::max(body_limit))
+        // Added after the layers above, so bundle bodies stream instead of being read whole.
+        .route(
+            &v1("/bundles"),
+            get(bundles::list)
+                .post(bundles::upload)
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .route(&v1("/bundles/{id}/content"), get(bundles::content))
         .with_state(state)
 }
 
@@ -162,12 +198,14 @@ mod tests {
     async fn test_app(dir: &std::path::Path) -> Router {
         let db = Db::open(None, dir).await.unwrap();
         let heartbeats = HeartbeatWriter::start(&db, WriterConfig::default()).unwrap();
-        app(AppState::new(
+        app(AppState::new(Shared {
+            store: ObjectStore::local(&dir.join("bundles")).unwrap(),
+            rollouts: RolloutEngine::start(db.clone(), Duration::from_secs(1)),
             db,
             heartbeats,
-            DeviceTokenKey::new(b"test"),
-            ApiSettings::default(),
-        ))
+            device_tokens: DeviceTokenKey::new(b"test"),
+            settings: ApiSettings::default(),
+        }))
     }
 
     async fn call(app: Router, request: Request<Body>) -> (StatusCode, serde_json::Value) {

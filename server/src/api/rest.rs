@@ -322,6 +322,15 @@ pub async fn queue_command(
     principal.require(Role::Operator)?;
     let spec = CommandSpec::parse(&body.kind, &body.args)
         .map_err(|m| ApiError::bad_request("invalid_command", m))?;
+    if spec.is_internal() {
+        return Err(ApiError::bad_request(
+            "invalid_command",
+            format!(
+                "command `{}` is issued by deployments only: use POST /api/v1/deployments",
+                spec.kind()
+            ),
+        ));
+    }
     let device = device_of(&state, &principal, &id).await?;
     if device.deregistered_at.is_some() {
         return Err(ApiError::conflict(

@@ -5,7 +5,7 @@ use serde::Serialize;
 
 const DEVICE_COLUMNS: &str =
     "id, tenant_id, hardware_id, key_fingerprint, public_key, facts, enrolled_at, \
-     deregistered_at, last_heartbeat, interval_s, agent_version, telemetry";
+     deregistered_at, last_heartbeat, interval_s, agent_version, telemetry, labels";
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Device {
@@ -24,6 +24,8 @@ pub struct Device {
     pub agent_version: Option<String>,
     /// JSON of the latest [`kernex_protocol::wire::Telemetry`].
     pub telemetry: Option<String>,
+    /// JSON object of operator-set labels (selectors; `class` is the device class).
+    pub labels: String,
 }
 
 /// Liveness as operators see it, derived from the last heartbeat (never stored, so never stale).
@@ -51,6 +53,7 @@ pub struct DeviceView {
     pub key_fingerprint: String,
     pub enrolled_at: String,
     pub deregistered_at: Option<String>,
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl Device {
@@ -86,7 +89,12 @@ impl Device {
             key_fingerprint: self.key_fingerprint.clone(),
             enrolled_at: rfc3339(self.enrolled_at),
             deregistered_at: self.deregistered_at.map(rfc3339),
+            labels: self.label_map(),
         }
+    }
+
+    pub fn label_map(&self) -> std::collections::BTreeMap<String, String> {
+        serde_json::from_str(&self.labels).unwrap_or_default()
     }
 }
 
@@ -138,6 +146,24 @@ pub async fn accept_auth_nonce(db: &Db, id: &str, nonce: &str) -> Result<bool, s
     let done = with_pool!(db, pool => sqlx::query(
         "UPDATE devices SET last_auth_nonce = $1 WHERE id = $2 AND (last_auth_nonce IS NULL OR last_auth_nonce <> $1)")
         .bind(nonce)
+        .bind(id)
+        .execute(pool)
+        .await.map(|r| r.rows_affected()))?;
+    Ok(done == 1)
+}
+
+/// Replaces the labels of a device of `tenant_id`; false when there is no such device.
+pub async fn set_labels(
+    db: &Db,
+    tenant_id: &str,
+    id: &str,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> Result<bool, sqlx::Error> {
+    let text = serde_json::to_string(labels).unwrap_or_else(|_| "{}".into());
+    let done = with_pool!(db, pool => sqlx::query(
+        "UPDATE devices SET labels = $1 WHERE tenant_id = $2 AND id = $3")
+        .bind(text)
+        .bind(tenant_id)
         .bind(id)
         .execute(pool)
         .await.map(|r| r.rows_affected()))?;

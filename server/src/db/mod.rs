@@ -6,7 +6,9 @@
 //! its portable twin.
 
 pub mod audit;
+pub mod bundles;
 pub mod commands;
+pub mod deployments;
 pub mod devices;
 pub mod secrets;
 pub mod tenants;

@@ -1,0 +1,447 @@
+//! Publisher keys and bundles: streamed upload (hashed and checked on the way, visible only once
+//! valid), listing, and download with Range and ETag for operators and for the devices a
+//! deployment released.
+
+use super::device::DeviceAuth;
+use super::extract::bearer;
+use super::AppState;
+use crate::db::bundles::{self, Bundle};
+use crate::db::tokens::{Principal, Role};
+use crate::db::{audit, deployments, now_ms};
+use crate::error::ApiError;
+use axum::body::{Body, Bytes};
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::StreamExt as _;
+use kernex_protocol::bundle::{self as format, PublisherPublicKey, Splitter};
+use serde_json::{json, Value};
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Archive bytes kept in memory during an upload to read the manifest from: the manifest is the
+/// first entry and at most 64 KiB, so its compressed form fits with room to spare.
+const MANIFEST_HEAD: usize = 128 * 1024;
+
+/// `POST /api/v1/publisher-keys`: the body is a PEM public key; the tenant's agents trust it.
+pub async fn add_publisher_key(
+    State(state): State<AppState>,
+    principal: Principal,
+    body: Bytes,
+) -> ApiResult<impl IntoResponse> {
+    principal.require(Role::Admin)?;
+    let pem = std::str::from_utf8(&body)
+        .map_err(|_| ApiError::bad_request("invalid_key", "the body is not a PEM text"))?;
+    let key = PublisherPublicKey::from_pem(pem)
+        .map_err(|e| ApiError::bad_request("invalid_key", format!("publisher key: {e}")))?;
+    let (stored, created) = bundles::add_publisher_key(
+        &state.db,
+        &principal.tenant_id,
+        &key.fingerprint(),
+        &key.to_pem(),
+        &principal.actor(),
+    )
+    .await?;
+    if created {
+        audit::record(
+            &state.db,
+            Some(&principal.tenant_id),
+            &principal.actor(),
+            "publisher_key.added",
+            &stored.id,
+            json!({"fingerprint": stored.fingerprint}),
+        )
+        .await;
+    }
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(stored.view())))
+}
+
+pub async fn list_publisher_keys(
+    State(state): State<AppState>,
+    principal: Principal,
+) -> ApiResult<Json<Value>> {
+    let keys = bundles::publisher_keys(&state.db, &principal.tenant_id).await?;
+    Ok(Json(json!(keys
+        .iter()
+        .map(|k| k.view())
+        .collect::<Vec<_>>())))
+}
+
+pub async fn revoke_publisher_key(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    principal.require(Role::Admin)?;
+    if !bundles::revoke_publisher_key(&state.db, &principal.tenant_id, &id).await? {
+        return Err(ApiError::not_found(
+            "unknown_publisher_key",
+            format!("no active publisher key `{id}`"),
+        ));
+    }
+    audit::record(
+        &state.db,
+        Some(&principal.tenant_id),
+        &principal.actor(),
+        "publisher_key.revoked",
+        &id,
+        json!({}),
+    )
+    .await;
+    Ok(Json(json!({"id": id, "revoked": true})))
+}
+
+/// `POST /api/v1/bundles`: the packed file, streamed. Written to the store while its archive is
+/// hashed; visible only after the signature, the manifest and the version have been checked.
+pub async fn upload(
+    State(state): State<AppState>,
+    principal: Principal,
+    body: Body,
+) -> ApiResult<impl IntoResponse> {
+    principal.require(Role::Operator)?;
+    let trusted: Vec<PublisherPublicKey> = bundles::trusted_pems(&state.db, &principal.tenant_id)
+        .await?
+        .iter()
+        .filter_map(|pem| PublisherPublicKey::from_pem(pem).ok())
+        .collect();
+    if trusted.is_empty() {
+        return Err(ApiError::conflict(
+            "no_publisher_keys",
+            "the tenant trusts no publisher key yet: add one with POST /api/v1/publisher-keys",
+        ));
+    }
+    let mut writer = state.store.writer().await?;
+    let received = receive(&state, body, &mut writer).await;
+    let (sealed, head, size) = match received {
+        Ok(received) => received,
+        Err(err) => {
+            writer.abort().await;
+            return Err(err);
+        }
+    };
+    let checked = check(&state, &principal, &trusted, &sealed, &head).await;
+    let (manifest, publisher) = match checked {
+        Ok(checked) => checked,
+        Err(err) => {
+            writer.abort().await;
+            return Err(err);
+        }
+    };
+    let id = crate::db::new_id();
+    let bundle = Bundle {
+        id: id.clone(),
+        tenant_id: principal.tenant_id.clone(),
+        name: manifest.name.clone(),
+        version: manifest.version.clone(),
+        sha256: sealed.sha256.clone(),
+        size: size as i64,
+        archive_bytes: sealed.archive_bytes as i64,
+        manifest: serde_json::to_string(&manifest).map_err(anyhow::Error::from)?,
+        publisher,
+        object_key: format!("{}/{id}", principal.tenant_id),
+        created_by: principal.actor(),
+        created_at: now_ms(),
+        deleted_at: None,
+    };
+    writer.commit(&bundle.object_key).await?;
+    if let Err(err) = bundles::insert(&state.db, &bundle).await {
+        let _ = state.store.delete(&bundle.object_key).await;
+        return Err(err);
+    }
+    audit::record(
+        &state.db,
+        Some(&principal.tenant_id),
+        &principal.actor(),
+        "bundle.uploaded",
+        &bundle.id,
+        json!({"name": bundle.name, "version": bundle.version, "sha256": bundle.sha256}),
+    )
+    .await;
+    retire_old_versions(&state, &principal.tenant_id, &bundle.name).await;
+    Ok((StatusCode::CREATED, Json(json!(bundle.view()))))
+}
+
+/// Streams the body into `writer`: returns the sealed end, the archive's first bytes, the size.
+async fn receive(
+    state: &AppState,
+    body: Body,
+    writer: &mut crate::store::ObjectWriter,
+) -> ApiResult<(format::Sealed, Vec<u8>, u64)> {
+    let limit = state.settings.max_bundle_bytes;
+    let mut splitter = Splitter::default();
+    let mut head = Vec::with_capacity(MANIFEST_HEAD);
+    let mut keep_head = |archive: &[u8]| {
+        let room = MANIFEST_HEAD.saturating_sub(head.len());
+        head.extend_from_slice(&archive[..room.min(archive.len())]);
+        Ok::<_, ApiError>(())
+    };
+    let mut size = 0u64;
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::bad_request(
+                "upload_interrupted",
+                format!("reading the upload failed: {e}"),
+            )
+        })?;
+        size += chunk.len() as u64;
+        if size > limit {
+            return Err(ApiError::PayloadTooLarge {
+                limit: limit as usize,
+            });
+        }
+        splitter.push(&chunk, &mut keep_head)?;
+        writer.write(&chunk).await?;
+    }
+    let sealed = splitter
+        .finish(&mut keep_head)?
+        .map_err(|e| ApiError::bad_request("invalid_bundle", e.to_string()))?;
+    Ok((sealed, head, size))
+}
+
+/// Signature, manifest and version: everything that must hold before the bundle is visible.
+async fn check(
+    state: &AppState,
+    principal: &Principal,
+    trusted: &[PublisherPublicKey],
+    sealed: &format::Sealed,
+    head: &[u8],
+) -> ApiResult<(format::Manifest, String)> {
+    let publisher = sealed.verify(trusted).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_signature",
+            format!("{e} (archive sha256 {})", sealed.sha256),
+        )
+    })?;
+    let manifest = format::read_manifest(head)
+        .map_err(|e| ApiError::bad_request("invalid_bundle", e.to_string()))?;
+    let new = manifest.semver();
+    let newest = bundles::versions(&state.db, &principal.tenant_id, &manifest.name)
+        .await?
+        .iter()
+        .map(|v| bundles::semver_of(v))
+        .max();
+    if let Some(newest) = newest.filter(|newest| *newest >= new) {
+        return Err(ApiError::conflict(
+            "version_not_newer",
+            format!(
+                "{} {} is not newer than {newest}, the newest version uploaded",
+                manifest.name, manifest.version
+            ),
+        ));
+    }
+    Ok((manifest, publisher))
+}
+
+/// Keeps the newest `bundle_retention` versions of `name` (and any a deployment still uses).
+async fn retire_old_versions(state: &AppState, tenant_id: &str, name: &str) {
+    let retire =
+        match bundles::retirable(&state.db, tenant_id, name, state.settings.bundle_retention).await
+        {
+            Ok(retire) => retire,
+            Err(err) => {
+                tracing::warn!(error = %err, bundle = name, "bundle retention failed");
+                return;
+            }
+        };
+    for bundle in retire {
+        if let Err(err) = bundles::mark_retired(&state.db, &bundle.id).await {
+            tracing::warn!(error = %err, bundle = %bundle.id, "retiring a bundle failed");
+            continue;
+        }
+        if let Err(err) = state.store.delete(&bundle.object_key).await {
+            tracing::warn!(error = %err, bundle = %bundle.id, "deleting a retired bundle failed");
+        }
+    }
+}
+
+pub async fn list(State(state): State<AppState>, principal: Principal) -> ApiResult<Json<Value>> {
+    let list = bundles::list(&state.db, &principal.tenant_id).await?;
+    Ok(Json(json!(list
+        .iter()
+        .map(Bundle::view)
+        .collect::<Vec<_>>())))
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let bundle = bundles::get(&state.db, &principal.tenant_id, &id)
+        .await?
+        .ok_or_else(|| unknown_bundle(&id))?;
+    Ok(Json(json!(bundle.view())))
+}
+
+fn unknown_bundle(id: &str) -> ApiError {
+    ApiError::not_found("unknown_bundle", format!("no bundle `{id}`"))
+}
+
+/// Who is downloading: an operator (API key) or a device (bearer token from `/auth`).
+enum Downloader {
+    Operator(Principal),
+    Device(crate::device_token::DeviceClaims),
+}
+
+/// `GET /api/v1/bundles/{id}/content`: the packed file, with `Range` (resume) and `ETag`.
+pub async fn content(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    request: axum::extract::Request,
+) -> ApiResult<Response> {
+    let (mut parts, _) = request.into_parts();
+    let is_api_key = bearer(&parts).is_some_and(|b| b.starts_with("kxk_"));
+    let downloader = if is_api_key {
+        Downloader::Operator(Principal::from_request_parts(&mut parts, &state).await?)
+    } else {
+        let DeviceAuth(claims) = DeviceAuth::from_request_parts(&mut parts, &state).await?;
+        Downloader::Device(claims)
+    };
+    let tenant_id = match &downloader {
+        Downloader::Operator(p) => p.tenant_id.clone(),
+        Downloader::Device(d) => d.tenant_id.clone(),
+    };
+    let bundle = bundles::get(&state.db, &tenant_id, &id)
+        .await?
+        .ok_or_else(|| unknown_bundle(&id))?;
+    if let Downloader::Device(device) = &downloader {
+        // Not released to this device: as if it did not exist.
+        if !deployments::device_may_fetch(&state.db, &device.device_id, &bundle.id).await? {
+            return Err(unknown_bundle(&id));
+        }
+    }
+    serve_object(&state, &bundle, &parts.headers).await
+}
+
+async fn serve_object(
+    state: &AppState,
+    bundle: &Bundle,
+    headers: &HeaderMap,
+) -> ApiResult<Response> {
+    let size = bundle.size as u64;
+    let etag = bundle.etag();
+    let header_str = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    if header_str(header::IF_NONE_MATCH)
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
+    {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
+    }
+    // If-Range: resume only when the file is still the one the client began with.
+    let range_applies = header_str(header::IF_RANGE).is_none_or(|v| v.trim() == etag);
+    let range = match header_str(header::RANGE).filter(|_| range_applies) {
+        None => None,
+        Some(value) => match parse_range(value, size) {
+            RangeRequest::Satisfiable(start, end) => Some((start, end)),
+            RangeRequest::Ignore => None,
+            RangeRequest::Unsatisfiable => {
+                let mut response = ApiError::RangeNotSatisfiable {
+                    message: format!(
+                        "range {value:?} is outside the {size} bytes of bundle {}",
+                        bundle.id
+                    ),
+                }
+                .into_response();
+                if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                    response.headers_mut().insert(header::CONTENT_RANGE, v);
+                }
+                return Ok(response);
+            }
+        },
+    };
+    let (status, start, len) = match range {
+        Some((start, end)) => (StatusCode::PARTIAL_CONTENT, start, end - start + 1),
+        None => (StatusCode::OK, 0, size),
+    };
+    let reader = state.store.read(&bundle.object_key, start, len).await?;
+    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+        reader,
+        256 * 1024,
+    ));
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        h.insert(header::ETAG, v);
+    }
+    if status == StatusCode::PARTIAL_CONTENT {
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{}/{size}", start + len - 1)) {
+            h.insert(header::CONTENT_RANGE, v);
+        }
+    }
+    Ok(response)
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum RangeRequest {
+    /// First and last byte, inclusive.
+    Satisfiable(u64, u64),
+    /// Not a single byte range we serve partially (several ranges, another unit): send it all.
+    Ignore,
+    Unsatisfiable,
+}
+
+/// One `bytes=` range: `a-b`, `a-` or `-n` (the last n bytes).
+fn parse_range(value: &str, size: u64) -> RangeRequest {
+    let Some(spec) = value.trim().strip_prefix("bytes=") else {
+        return RangeRequest::Ignore;
+    };
+    if spec.contains(',') {
+        return RangeRequest::Ignore;
+    }
+    let Some((first, last)) = spec.trim().split_once('-') else {
+        return RangeRequest::Ignore;
+    };
+    let parse = |s: &str| s.trim().parse::<u64>().ok();
+    let (start, end) = match (first.trim().is_empty(), last.trim().is_empty()) {
+        (true, false) => match parse(last) {
+            Some(0) | None => return RangeRequest::Unsatisfiable,
+            Some(n) => (size.saturating_sub(n), size.saturating_sub(1)),
+        },
+        (false, true) => match parse(first) {
+            Some(a) => (a, size.saturating_sub(1)),
+            None => return RangeRequest::Ignore,
+        },
+        (false, false) => match (parse(first), parse(last)) {
+            (Some(a), Some(b)) if a <= b => (a, b.min(size.saturating_sub(1))),
+            _ => return RangeRequest::Ignore,
+        },
+        (true, true) => return RangeRequest::Ignore,
+    };
+    if size == 0 || start >= size {
+        RangeRequest::Unsatisfiable
+    } else {
+        RangeRequest::Satisfiable(start, end)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        use RangeRequest::*;
+        assert_eq!(parse_range("bytes=0-99", 1000), Satisfiable(0, 99));
+        assert_eq!(parse_range("bytes=500-", 1000), Satisfiable(500, 999));
+        assert_eq!(parse_range("bytes=-100", 1000), Satisfiable(900, 999));
+        assert_eq!(parse_range("bytes=900-5000", 1000), Satisfiable(900, 999));
+        assert_eq!(parse_range("bytes=1000-", 1000), Unsatisfiable);
+        assert_eq!(parse_range("bytes=-0", 1000), Unsatisfiable);
+        assert_eq!(parse_range("bytes=0-1,5-6", 1000), Ignore);
+        assert_eq!(parse_range("items=0-1", 1000), Ignore);
+        assert_eq!(parse_range("bytes=5-1", 1000), Ignore);
+    }
+}
