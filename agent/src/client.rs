@@ -105,6 +105,101 @@ impl Client {
         self.post(path, &bytes, |req| req.set("authorization", &auth))
     }
 
+    /// GETs `path` (under the API prefix, or absolute on the server when it starts with the
+    /// prefix) into `file`, resuming from the file's current length: `Range` from there with
+    /// `If-Range: etag`. Returns the ETag. A `200` (the server could not resume, or the file
+    /// changed) truncates and starts over. Bytes already written stay written whatever happens,
+    /// so a dropped connection costs only what was in flight.
+    pub fn download(
+        &self,
+        path: &str,
+        token: &str,
+        file: &mut std::fs::File,
+        etag: Option<&str>,
+    ) -> Result<Option<String>, ClientError> {
+        use std::io::{Seek as _, Write as _};
+        let url = if path.starts_with(kernex_protocol::API_PREFIX) {
+            format!("{}{path}", self.base)
+        } else {
+            format!("{}{}{path}", self.base, kernex_protocol::API_PREFIX)
+        };
+        let io = |e: std::io::Error| ClientError::Transport {
+            url: url.clone(),
+            message: format!("writing the download: {e}"),
+        };
+        let have = file.metadata().map_err(io)?.len();
+        let mut request = self
+            .agent
+            .get(&url)
+            .timeout(Duration::from_secs(3600))
+            .set("authorization", &format!("Bearer {token}"));
+        if have > 0 {
+            request = request.set("range", &format!("bytes={have}-"));
+            if let Some(etag) = etag {
+                request = request.set("if-range", etag);
+            }
+        }
+        let response = match request.call() {
+            Ok(response) => response,
+            Err(ureq::Error::Status(416, _)) if have > 0 => {
+                // Already complete (or longer than the object): let the caller's checks decide.
+                return Ok(etag.map(str::to_owned));
+            }
+            Err(e) => return Err(self.error(url.clone(), e)),
+        };
+        let etag = response.header("etag").map(str::to_owned);
+        if response.status() == 200 {
+            file.set_len(0).map_err(io)?;
+        }
+        file.seek(std::io::SeekFrom::End(0)).map_err(io)?;
+        let mut reader = response.into_reader();
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            let n = match std::io::Read::read(&mut reader, &mut buffer) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    let _ = file.flush();
+                    return Err(ClientError::Transport {
+                        url,
+                        message: format!("download interrupted: {e}"),
+                    });
+                }
+            };
+            file.write_all(&buffer[..n]).map_err(io)?;
+        }
+        file.sync_all().map_err(io)?;
+        Ok(etag)
+    }
+
+    fn error(&self, url: String, e: ureq::Error) -> ClientError {
+        match e {
+            ureq::Error::Status(status, response) => {
+                let retry_after = response
+                    .header("retry-after")
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(Duration::from_secs);
+                let text = response.into_string().unwrap_or_default();
+                let (code, message) = match serde_json::from_str::<ErrorBody>(&text) {
+                    Ok(body) => (body.error.code, body.error.message),
+                    Err(_) => ("http_error".to_owned(), text.chars().take(200).collect()),
+                };
+                ClientError::Status {
+                    url,
+                    status,
+                    code,
+                    message,
+                    retry_after,
+                }
+            }
+            ureq::Error::Transport(t) => ClientError::Transport {
+                url,
+                message: t.to_string(),
+            },
+        }
+    }
+
     fn post<R: DeserializeOwned>(
         &self,
         path: &str,
@@ -131,27 +226,9 @@ impl Client {
             }
             Err(ureq::Error::Status(status, response)) => {
                 self.learn_clock(&response);
-                let retry_after = response
-                    .header("retry-after")
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .map(Duration::from_secs);
-                let text = response.into_string().unwrap_or_default();
-                let (code, message) = match serde_json::from_str::<ErrorBody>(&text) {
-                    Ok(body) => (body.error.code, body.error.message),
-                    Err(_) => ("http_error".to_owned(), text.chars().take(200).collect()),
-                };
-                Err(ClientError::Status {
-                    url,
-                    status,
-                    code,
-                    message,
-                    retry_after,
-                })
+                Err(self.error(url, ureq::Error::Status(status, response)))
             }
-            Err(ureq::Error::Transport(t)) => Err(ClientError::Transport {
-                url,
-                message: t.to_string(),
-            }),
+            Err(e) => Err(self.error(url, e)),
         }
     }
 

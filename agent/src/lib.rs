@@ -6,6 +6,7 @@
 pub mod backoff;
 pub mod cli;
 pub mod client;
+pub mod deployments;
 pub mod identity;
 pub mod log;
 pub mod runner;

@@ -3,6 +3,7 @@
 
 use crate::backoff::{jittered, Backoff};
 use crate::client::{unix_now, Client, ClientError};
+use crate::deployments::Deployments;
 use crate::state::{AgentState, StateDir};
 use crate::telemetry::Sampler;
 use crate::{error, identity, info, warn};
@@ -66,7 +67,10 @@ pub fn run(options: &RunOptions) -> anyhow::Result<Exit> {
         Some(id) => id.clone(),
         None => identity::detect_hardware_id()?,
     };
+    let deployments =
+        Deployments::start(&options.state_dir, &bootstrap, state.publisher_keys.clone())?;
     let mut agent = Agent {
+        deployments,
         client: Client::new(&bootstrap)
             .with_context(|| format!("configuring TLS from {}", options.bootstrap.display()))?,
         bootstrap,
@@ -146,6 +150,7 @@ struct Session {
 }
 
 struct Agent {
+    deployments: Deployments,
     bootstrap: BootstrapConfig,
     bootstrap_path: PathBuf,
     client: Client,
@@ -229,6 +234,9 @@ impl Agent {
         self.state.tenant = Some(self.bootstrap.tenant.clone());
         self.state.server_url = Some(self.bootstrap.server_url.clone());
         self.state.enrolled_at = Some(unix_now());
+        self.state.publisher_keys = response.publisher_keys;
+        self.deployments
+            .set_publisher_keys(self.state.publisher_keys.clone());
         self.save()?;
         Ok(response.device_id)
     }
@@ -248,6 +256,15 @@ impl Agent {
             token: response.token.clone(),
             expires: Instant::now() + lifetime,
         });
+        self.deployments.set_token(&response.token);
+        if response.publisher_keys != self.state.publisher_keys {
+            self.state.publisher_keys = response.publisher_keys;
+            self.deployments
+                .set_publisher_keys(self.state.publisher_keys.clone());
+            if let Err(e) = self.save() {
+                warn!("keeping the publisher keys failed: {e}");
+            }
+        }
         Ok(response.token)
     }
 
@@ -332,6 +349,11 @@ impl Agent {
             // The identity is forgotten when the server confirms (it answers the ack with
             // `device_deregistered`), so a lost ack cannot strand a half-deregistered device.
             CommandSpec::Deregister => (CommandOutcome::Succeeded, "deregistering".to_owned()),
+            // Queued for the deployment thread; its progress goes to the deployment's status.
+            CommandSpec::Deploy(args) => match self.deployments.enqueue(args) {
+                Ok(message) => (CommandOutcome::Succeeded, message),
+                Err(message) => (CommandOutcome::Failed, message),
+            },
         }
     }
 

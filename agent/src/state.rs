@@ -47,6 +47,9 @@ pub struct AgentState {
     /// The last error, for `kernex-agent status`; cleared by a successful heartbeat.
     #[serde(default)]
     pub last_error: Option<String>,
+    /// PEM keys of the publishers whose bundles this device installs (from the server).
+    #[serde(default)]
+    pub publisher_keys: Vec<String>,
 }
 
 impl AgentState {

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod agent_lifecycle;
+mod bundles;
 mod device_protocol;
 mod imagebuilder;
 mod rest_api;

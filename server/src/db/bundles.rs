@@ -205,7 +205,9 @@ pub async fn mark_retired(db: &Db, id: &str) -> Result<(), sqlx::Error> {
         .bind(now_ms()).bind(id).execute(pool).await.map(|_| ()))
 }
 
-/// The newest live version of `name` older than `version`: what a rollback goes back to.
+/// The newest live version of `name` older than `version` that some device installed
+/// successfully: what a rollback goes back to (an older release that failed everywhere is no
+/// place to return to).
 pub async fn previous_version(
     db: &Db,
     tenant_id: &str,
@@ -213,7 +215,9 @@ pub async fn previous_version(
     version: &str,
 ) -> Result<Option<Bundle>, sqlx::Error> {
     let live = with_pool!(db, pool => sqlx::query_as::<_, Bundle>(&format!(
-        "SELECT {BUNDLE_COLUMNS} FROM bundles WHERE tenant_id = $1 AND name = $2 AND deleted_at IS NULL"))
+        "SELECT {BUNDLE_COLUMNS} FROM bundles b WHERE tenant_id = $1 AND name = $2 AND deleted_at IS NULL
+           AND EXISTS (SELECT 1 FROM deployment_devices dd JOIN deployments d ON d.id = dd.deployment_id
+                       WHERE d.bundle_id = b.id AND dd.state = 'succeeded')"))
         .bind(tenant_id).bind(name).fetch_all(pool).await)?;
     let current = semver_of(version);
     Ok(live
