@@ -6,7 +6,9 @@
 pub mod backoff;
 pub mod cli;
 pub mod client;
+pub mod deploy;
 pub mod deployments;
+pub mod extract;
 pub mod identity;
 pub mod log;
 pub mod runner;

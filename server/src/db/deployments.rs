@@ -6,7 +6,7 @@
 //! the same deployment at once, and a device is released (`pending` → `queued`, with its `deploy`
 //! command inserted in the same transaction) exactly once.
 
-use super::{new_id, now_ms, rfc3339, with_pool, Db};
+use super::{new_id, now_ms, rfc3339, with_pool, BeginWrite as _, Db};
 use crate::error::ApiError;
 use kernex_protocol::wire::{CommandSpec, DeployArgs, DeploymentReport, DeploymentState};
 use serde::{Deserialize, Serialize};
@@ -270,7 +270,7 @@ pub async fn create(db: &Db, new: &NewDeployment) -> Result<Deployment, ApiError
         finished_at: None,
     };
     let busy: Vec<String> = with_pool!(db, pool => {
-        let mut tx = pool.begin().await?;
+        let mut tx = pool.begin_write().await?;
         let mut busy = Vec::new();
         for device in &new.devices {
             let other: Option<String> = sqlx::query_scalar(
@@ -395,7 +395,7 @@ pub async fn act(
     }
     let finished = (to == "cancelled").then_some(now);
     let changed = with_pool!(db, pool => {
-        let mut tx = pool.begin().await?;
+        let mut tx = pool.begin_write().await?;
         let changed = sqlx::query(
             "UPDATE deployments SET state = $1, updated_at = $2, finished_at = $3,
                 message = CASE WHEN $1 = 'cancelled' THEN 'cancelled by an operator' ELSE message END
@@ -444,7 +444,7 @@ pub async fn report(
 ) -> Result<Reported, sqlx::Error> {
     let now = now_ms();
     with_pool!(db, pool => {
-        let mut tx = pool.begin().await?;
+        let mut tx = pool.begin_write().await?;
         let row: Option<(String, String, String)> = sqlx::query_as(
             "SELECT dd.state, dd.history, d.state FROM deployment_devices dd JOIN deployments d ON d.id = dd.deployment_id
              WHERE dd.deployment_id = $1 AND dd.device_id = $2")
@@ -478,7 +478,7 @@ pub async fn report(
 pub async fn step(db: &Db, id: &str) -> Result<bool, sqlx::Error> {
     let now = now_ms();
     with_pool!(db, pool => {
-        let mut tx = pool.begin().await?;
+        let mut tx = pool.begin_write().await?;
         // The lock: see the module comment.
         let deployment: Option<Deployment> = sqlx::query_as(&format!(
             "UPDATE deployments SET updated_at = updated_at WHERE id = $1 AND state = 'running' RETURNING {DEPLOYMENT_COLUMNS}"))

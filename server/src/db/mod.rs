@@ -168,6 +168,30 @@ pub fn new_id() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
+/// A transaction that will write after reading. On SQLite it starts with `BEGIN IMMEDIATE`: a
+/// deferred transaction that read first and then writes fails at once with "database is locked"
+/// when another connection wrote meanwhile (the busy timeout cannot help a read lock that must
+/// be upgraded); taking the write lock up front makes it wait its turn instead.
+pub trait BeginWrite {
+    type Database: sqlx::Database;
+    #[allow(async_fn_in_trait)]
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Self::Database>, sqlx::Error>;
+}
+
+impl BeginWrite for SqlitePool {
+    type Database = sqlx::Sqlite;
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+        self.begin_with("BEGIN IMMEDIATE").await
+    }
+}
+
+impl BeginWrite for PgPool {
+    type Database = sqlx::Postgres;
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+        self.begin().await
+    }
+}
+
 /// True when `err` is a unique-constraint violation (a concurrent insert won).
 pub fn is_unique_violation(err: &sqlx::Error) -> bool {
     matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())
