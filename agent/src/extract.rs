@@ -294,3 +294,372 @@ fn write_file(
     std::fs::set_permissions(target, std::fs::Permissions::from_mode(perm)).map_err(io(target))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write as _;
+
+    /// One raw tar entry: path bytes written as-is (no validation), type, data, link target.
+    struct Raw<'a> {
+        path: &'a str,
+        kind: tar::EntryType,
+        data: &'a [u8],
+        link: Option<&'a str>,
+        mode: u32,
+    }
+
+    fn file<'a>(path: &'a str, data: &'a [u8]) -> Raw<'a> {
+        Raw {
+            path,
+            kind: tar::EntryType::Regular,
+            data,
+            link: None,
+            mode: 0o644,
+        }
+    }
+
+    fn special<'a>(path: &'a str, kind: tar::EntryType, link: Option<&'a str>) -> Raw<'a> {
+        Raw {
+            path,
+            kind,
+            data: b"",
+            link,
+            mode: 0o644,
+        }
+    }
+
+    const INSTALL: &[u8] = b"#!/bin/sh\nexit 0\n";
+
+    /// A manifest whose counts match `entries` plus the install script, unless overridden.
+    fn manifest_for(entries: &[Raw<'_>], files: Option<u64>, bytes: Option<u64>) -> String {
+        let payload: u64 = entries
+            .iter()
+            .filter(|e| e.kind == tar::EntryType::Regular)
+            .map(|e| e.data.len() as u64)
+            .sum::<u64>()
+            + INSTALL.len() as u64;
+        format!(
+            "name = \"t\"\nversion = \"1.0.0\"\npayload_bytes = {}\nfiles = {}\n[scripts]\ninstall = \"install.sh\"\n",
+            bytes.unwrap_or(payload),
+            files.unwrap_or(entries.len() as u64 + 1)
+        )
+    }
+
+    fn header(raw: &Raw<'_>, size: u64) -> tar::Header {
+        let mut header = tar::Header::new_gnu();
+        let name = &mut header.as_old_mut().name;
+        name[..raw.path.len()].copy_from_slice(raw.path.as_bytes());
+        header.set_entry_type(raw.kind);
+        header.set_mode(raw.mode);
+        header.set_size(size);
+        if let Some(link) = raw.link {
+            let linkname = &mut header.as_old_mut().linkname;
+            linkname[..link.len()].copy_from_slice(link.as_bytes());
+        }
+        header.set_cksum();
+        header
+    }
+
+    fn archive(dir: &Path, manifest: &str, entries: &[Raw<'_>]) -> PathBuf {
+        let path = dir.join("bundle.tar.gz");
+        let gz = flate2::write::GzEncoder::new(
+            std::fs::File::create(&path).unwrap(),
+            flate2::Compression::fast(),
+        );
+        let mut tar = tar::Builder::new(gz);
+        let m = file(MANIFEST, manifest.as_bytes());
+        tar.append(&header(&m, m.data.len() as u64), m.data)
+            .unwrap();
+        let mut install = file("install.sh", INSTALL);
+        install.mode = 0o4755; // setuid: must be dropped
+        tar.append(&header(&install, INSTALL.len() as u64), INSTALL)
+            .unwrap();
+        for raw in entries {
+            tar.append(&header(raw, raw.data.len() as u64), raw.data)
+                .unwrap();
+        }
+        tar.into_inner().unwrap().finish().unwrap();
+        path
+    }
+
+    /// Every path under `dir`, to prove a refused archive wrote nothing anywhere.
+    fn tree(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            out.push(path.clone());
+            if std::fs::symlink_metadata(&path).unwrap().is_dir() {
+                out.extend(tree(&path));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Extracts into `<tmp>/dest` and returns the error text; checks nothing was left anywhere.
+    fn refused_with(archive_of: impl FnOnce(&Path) -> PathBuf, limits: Limits) -> String {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir(tmp.path().join("sentinel")).unwrap();
+        let path = archive_of(tmp.path());
+        let before = tree(tmp.path());
+        let dest = tmp.path().join("dest");
+        let err = extract(&path, &dest, &limits).unwrap_err().to_string();
+        assert!(!dest.exists(), "{err}: dest left behind");
+        assert_eq!(tree(tmp.path()), before, "{err}: something was written");
+        err
+    }
+
+    fn hostile(entries: &[Raw<'_>], expected: &str) {
+        let err = refused_with(
+            |dir| archive(dir, &manifest_for(entries, None, None), entries),
+            Limits::default(),
+        );
+        assert!(err.contains(expected), "expected {expected:?} in {err:?}");
+    }
+
+    #[test]
+    fn a_good_bundle_extracts_with_modes_and_internal_links() {
+        let tmp = tempfile::tempdir().unwrap();
+        let entries = [
+            special("bin", tar::EntryType::Directory, None),
+            Raw {
+                mode: 0o755,
+                ..file("bin/tool", b"#!/bin/sh\n")
+            },
+            file("etc/conf/app.toml", b"a = 1\n"),
+            special("current-tool", tar::EntryType::Symlink, Some("bin/tool")),
+            special("same-tool", tar::EntryType::Link, Some("bin/tool")),
+        ];
+        let path = archive(tmp.path(), &manifest_for(&entries, None, None), &entries);
+        let dest = tmp.path().join("dest");
+        let manifest = extract(&path, &dest, &Limits::default()).unwrap();
+        assert_eq!(manifest.name, "t");
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = |p: &str| {
+            std::fs::metadata(dest.join(p))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777
+        };
+        assert_eq!(mode("bin/tool"), 0o755);
+        assert_eq!(mode("install.sh"), 0o755, "setuid dropped");
+        assert_eq!(mode("etc/conf/app.toml"), 0o644);
+        assert_eq!(
+            std::fs::read_link(dest.join("current-tool")).unwrap(),
+            Path::new("bin/tool")
+        );
+        assert_eq!(
+            std::fs::read(dest.join("same-tool")).unwrap(),
+            b"#!/bin/sh\n"
+        );
+    }
+
+    #[test]
+    fn paths_that_leave_the_bundle_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tmp.path().join("outside-evil").display().to_string();
+        hostile(&[file(&outside, b"x")], "is absolute");
+        hostile(&[file("../evil", b"x")], "leaves the bundle");
+        hostile(&[file("a/../../evil", b"x")], "leaves the bundle");
+        hostile(&[file("./a/./../../../evil", b"x")], "leaves the bundle");
+    }
+
+    #[test]
+    fn links_that_leave_the_bundle_are_refused() {
+        hostile(
+            &[special("etc", tar::EntryType::Symlink, Some("/etc"))],
+            "absolute path /etc",
+        );
+        hostile(
+            &[special("up", tar::EntryType::Symlink, Some("../../x"))],
+            "leaves the bundle",
+        );
+        hostile(
+            &[special("d/up", tar::EntryType::Symlink, Some("../.."))],
+            "leaves the bundle",
+        );
+        hostile(
+            &[special("dot", tar::EntryType::Symlink, Some("."))],
+            "leaves the bundle",
+        );
+        // A link that stays inside, then an entry written through it.
+        hostile(
+            &[
+                special("sub", tar::EntryType::Directory, None),
+                special("here", tar::EntryType::Symlink, Some("sub")),
+                file("here/x", b"x"),
+            ],
+            "which is not a directory",
+        );
+        hostile(
+            &[special("pw", tar::EntryType::Link, Some("/etc/passwd"))],
+            "leaves the bundle",
+        );
+        hostile(
+            &[special("pw", tar::EntryType::Link, Some("../outside"))],
+            "leaves the bundle",
+        );
+        hostile(
+            &[special("pw", tar::EntryType::Link, Some("later"))],
+            "not a file extracted before",
+        );
+    }
+
+    #[test]
+    fn devices_fifos_and_duplicates_are_refused() {
+        hostile(
+            &[special("null", tar::EntryType::Char, None)],
+            "not allowed",
+        );
+        hostile(
+            &[special("sda", tar::EntryType::Block, None)],
+            "not allowed",
+        );
+        hostile(
+            &[special("pipe", tar::EntryType::Fifo, None)],
+            "not allowed",
+        );
+        hostile(&[file("a", b"1"), file("a", b"2")], "appears twice");
+        hostile(&[file("install.sh", b"again")], "appears twice");
+    }
+
+    #[test]
+    fn bombs_and_lying_manifests_stop_before_writing_past_the_limits() {
+        // 64 MiB of zeros compresses to ~64 KiB; the limit stops it at the header.
+        let zeros = vec![0u8; 64 << 20];
+        let limits = Limits {
+            max_bytes: 1 << 20,
+            max_files: 100,
+        };
+        let err = refused_with(
+            |dir| {
+                let entries = [file("zeros", &zeros)];
+                archive(dir, &manifest_for(&entries, None, None), &entries)
+            },
+            limits,
+        );
+        assert!(err.contains("would exceed the 1048576 bytes"), "{err}");
+        let many: Vec<String> = (0..5).map(|i| format!("f{i}")).collect();
+        let err = refused_with(
+            |dir| {
+                let entries: Vec<Raw<'_>> = many.iter().map(|p| file(p, b"x")).collect();
+                archive(dir, &manifest_for(&entries, None, None), &entries)
+            },
+            Limits {
+                max_bytes: 1 << 20,
+                max_files: 3,
+            },
+        );
+        assert!(err.contains("more entries than the 3"), "{err}");
+        // The manifest understates the payload: refused at the entry that exceeds it.
+        let err = refused_with(
+            |dir| {
+                let entries = [file("big", &[1u8; 1000])];
+                archive(dir, &manifest_for(&entries, None, Some(100)), &entries)
+            },
+            Limits::default(),
+        );
+        assert!(err.contains("would exceed the 100 bytes"), "{err}");
+        // The manifest overstates the file count: refused at the end.
+        let err = refused_with(
+            |dir| {
+                let entries = [file("a", b"x")];
+                archive(dir, &manifest_for(&entries, Some(9), None), &entries)
+            },
+            Limits::default(),
+        );
+        assert!(err.contains("announces 9 entries"), "{err}");
+    }
+
+    #[test]
+    fn malformed_archives_and_manifests_are_refused() {
+        let err = refused_with(
+            |dir| {
+                let path = dir.join("b.tar.gz");
+                std::fs::write(&path, b"this is not gzip").unwrap();
+                path
+            },
+            Limits::default(),
+        );
+        assert!(err.contains("bundle archive"), "{err}");
+        let err = refused_with(
+            |dir| {
+                let good = archive(
+                    dir,
+                    &manifest_for(&[], None, None),
+                    &[file("a", &[5u8; 5000])],
+                );
+                let bytes = std::fs::read(&good).unwrap();
+                std::fs::write(&good, &bytes[..bytes.len() / 2]).unwrap();
+                good
+            },
+            Limits::default(),
+        );
+        assert!(err.contains("bundle"), "{err}");
+        let err = refused_with(|dir| archive(dir, "name = \"t\"\n", &[]), Limits::default());
+        assert!(err.contains("missing field `version`"), "{err}");
+        let err = refused_with(
+            |dir| {
+                let path = dir.join("b.tar.gz");
+                let gz = flate2::write::GzEncoder::new(
+                    std::fs::File::create(&path).unwrap(),
+                    flate2::Compression::fast(),
+                );
+                let mut tar = tar::Builder::new(gz);
+                tar.append(&header(&file("readme", b"hi"), 2), &b"hi"[..])
+                    .unwrap();
+                tar.into_inner().unwrap().finish().unwrap().flush().unwrap();
+                path
+            },
+            Limits::default(),
+        );
+        assert!(
+            err.contains("the first entry must be manifest.toml"),
+            "{err}"
+        );
+        let err = refused_with(
+            |dir| {
+                let path = dir.join("b.tar.gz");
+                let gz = flate2::write::GzEncoder::new(
+                    std::fs::File::create(&path).unwrap(),
+                    flate2::Compression::fast(),
+                );
+                tar::Builder::new(gz)
+                    .into_inner()
+                    .unwrap()
+                    .finish()
+                    .unwrap();
+                path
+            },
+            Limits::default(),
+        );
+        assert!(err.contains("empty"), "{err}");
+        // The install script the manifest names is missing.
+        let err = refused_with(
+            |dir| {
+                let path = dir.join("b.tar.gz");
+                let gz = flate2::write::GzEncoder::new(
+                    std::fs::File::create(&path).unwrap(),
+                    flate2::Compression::fast(),
+                );
+                let mut tar = tar::Builder::new(gz);
+                let text =
+                    "name = \"t\"\nversion = \"1.0.0\"\n[scripts]\ninstall = \"install.sh\"\n";
+                tar.append(
+                    &header(&file(MANIFEST, text.as_bytes()), text.len() as u64),
+                    text.as_bytes(),
+                )
+                .unwrap();
+                tar.into_inner().unwrap().finish().unwrap();
+                path
+            },
+            Limits::default(),
+        );
+        assert!(
+            err.contains("scripts.install names no regular file"),
+            "{err}"
+        );
+    }
+}
