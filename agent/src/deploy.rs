@@ -30,6 +30,8 @@ pub struct Deployer {
     /// Pause between two runs of a failing health script.
     pub health_retry: Duration,
     pub limits: Limits,
+    /// Test hook: stop right after this step as a crash would (journal and files left as they are).
+    pub fail_at: Option<&'static str>,
 }
 
 /// One deployment for the deployer: the verified archive and what the server allowed.
@@ -96,6 +98,7 @@ impl Deployer {
             keep_versions: 3,
             health_retry: Duration::from_secs(1),
             limits: Limits::default(),
+            fail_at: None,
         }
     }
 
@@ -181,7 +184,7 @@ impl Deployer {
             stage: "installing".into(),
         };
         write_journal(&journal_path, &journal)?;
-        failpoint("after-extract")?;
+        self.failpoint("after-extract")?;
 
         report(&Report::new(
             Stage::Installing,
@@ -210,12 +213,12 @@ impl Deployer {
                 &log,
             ));
         }
-        failpoint("after-install")?;
+        self.failpoint("after-install")?;
 
         switch_current(&name_dir, &manifest.version)?;
         journal.stage = "activated".into();
         write_journal(&journal_path, &journal)?;
-        failpoint("after-activate")?;
+        self.failpoint("after-activate")?;
 
         let mut log = log;
         if let Some(health) = &manifest.scripts.health {
@@ -251,7 +254,7 @@ impl Deployer {
                 ));
             }
         }
-        failpoint("after-health")?;
+        self.failpoint("after-health")?;
         let _ = std::fs::remove_file(&journal_path);
         self.prune(&name_dir, &manifest.version, previous.as_deref());
         Ok(Report::new(
@@ -387,14 +390,20 @@ fn switch_current(name_dir: &Path, version: &str) -> Result<(), String> {
         .map_err(|e| format!("syncing {}: {e}", name_dir.display()))
 }
 
-/// Test hook: `KERNEX_AGENT_FAILPOINT=<step>` makes the agent exit right after that step, as a
-/// crash there would (a kill -9 in tests; nothing sets it in production).
-fn failpoint(step: &str) -> Result<(), String> {
-    if std::env::var("KERNEX_AGENT_FAILPOINT").as_deref() == Ok(step) {
-        crate::warn!("failpoint {step}: exiting as a crash would");
-        std::process::exit(86);
+impl Deployer {
+    /// Crash simulation for tests: [`Deployer::fail_at`] returns here as if the process died (the
+    /// caller's cleanup is skipped by the error path only for staging), and
+    /// `KERNEX_AGENT_FAILPOINT=<step>` makes the real agent exit on the spot.
+    fn failpoint(&self, step: &str) -> Result<(), String> {
+        if self.fail_at == Some(step) {
+            return Err(format!("simulated crash after {step}"));
+        }
+        if std::env::var("KERNEX_AGENT_FAILPOINT").as_deref() == Ok(step) {
+            crate::warn!("failpoint {step}: exiting as a crash would");
+            std::process::exit(86);
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 struct Env<'a> {
@@ -506,4 +515,245 @@ fn tail(text: &str) -> String {
         start += 1;
     }
     text[start..].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kernex_protocol::bundle::{pack, read_sealed, PublisherKey};
+    use std::os::unix::fs::PermissionsExt as _;
+
+    fn key() -> PublisherKey {
+        static KEY: std::sync::OnceLock<PublisherKey> = std::sync::OnceLock::new();
+        KEY.get_or_init(|| PublisherKey::generate().unwrap())
+            .clone()
+    }
+
+    /// Packs a bundle `t` at `version` with the given scripts; returns the archive part.
+    fn bundle(dir: &Path, version: &str, install: &str, health: &str, extra: &str) -> PathBuf {
+        let src = dir.join(format!("src-{version}-{}", rand::random::<u32>()));
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(
+            src.join("manifest.toml"),
+            format!("name = \"t\"\nversion = \"{version}\"\n{extra}[scripts]\ninstall = \"install.sh\"\nhealth = \"health.sh\"\nrollback = \"rollback.sh\"\n[timeouts]\ninstall = \"2s\"\nhealth = \"2s\"\n"),
+        )
+        .unwrap();
+        for (name, body) in [
+            ("install.sh", install),
+            ("health.sh", health),
+            (
+                "rollback.sh",
+                "touch \"$KERNEX_BUNDLE_DIR/../../rollback-ran\"",
+            ),
+        ] {
+            std::fs::write(src.join(name), format!("#!/bin/sh\n{body}\n")).unwrap();
+            std::fs::set_permissions(src.join(name), std::fs::Permissions::from_mode(0o755))
+                .unwrap();
+        }
+        let packed = dir.join(format!("{version}.kxb"));
+        pack(&src, &key(), &packed).unwrap();
+        let sealed = read_sealed(&packed).unwrap();
+        let bytes = std::fs::read(&packed).unwrap();
+        let archive = dir.join(format!("{version}-{}.tar.gz", rand::random::<u32>()));
+        std::fs::write(&archive, &bytes[..sealed.archive_bytes as usize]).unwrap();
+        archive
+    }
+
+    fn job(archive: &Path) -> Job {
+        Job {
+            deployment_id: format!("d-{}", rand::random::<u32>()),
+            archive: archive.to_owned(),
+            allow_downgrade: false,
+            device_class: Some("nuc".into()),
+        }
+    }
+
+    fn deployer(root: &Path) -> Deployer {
+        Deployer {
+            health_retry: Duration::from_millis(100),
+            ..Deployer::new(root.to_owned())
+        }
+    }
+
+    fn run(d: &Deployer, job: &Job) -> (Report, Vec<Stage>) {
+        let mut stages = Vec::new();
+        let report = d.run(job, &mut |r: &Report| stages.push(r.stage));
+        (report, stages)
+    }
+
+    #[test]
+    fn install_upgrade_and_refusals() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("bundles");
+        let d = deployer(&root);
+        let echo = "echo \"prev=$KERNEX_PREVIOUS_VERSION\" > seen";
+        let (report, stages) = run(&d, &job(&bundle(tmp.path(), "1.0.0", echo, "exit 0", "")));
+        assert_eq!(report.stage, Stage::Succeeded, "{report:?}");
+        assert_eq!(
+            stages,
+            [Stage::Installing, Stage::HealthChecking, Stage::Succeeded]
+        );
+        assert_eq!(d.active("t").as_deref(), Some("1.0.0"));
+        let (report, _) = run(&d, &job(&bundle(tmp.path(), "1.1.0", echo, "exit 0", "")));
+        assert_eq!(report.stage, Stage::Succeeded, "{report:?}");
+        assert_eq!(
+            std::fs::read_to_string(root.join("t/current/seen")).unwrap(),
+            "prev=1.0.0\n"
+        );
+
+        let old = bundle(tmp.path(), "0.9.0", "exit 0", "exit 0", "");
+        let (report, _) = run(&d, &job(&old));
+        assert_eq!(report.stage, Stage::Failed);
+        assert!(
+            report.message.contains("older than the active 1.1.0"),
+            "{report:?}"
+        );
+        let (report, _) = run(
+            &d,
+            &Job {
+                allow_downgrade: true,
+                ..job(&old)
+            },
+        );
+        assert_eq!(report.stage, Stage::Succeeded, "{report:?}");
+        assert_eq!(d.active("t").as_deref(), Some("0.9.0"));
+
+        let other = bundle(
+            tmp.path(),
+            "2.0.0",
+            "exit 0",
+            "exit 0",
+            "compatible = [\"rpi\"]\n",
+        );
+        let (report, _) = run(&d, &job(&other));
+        assert!(
+            report.message.contains("for device classes [\"rpi\"]"),
+            "{report:?}"
+        );
+        assert_eq!(d.active("t").as_deref(), Some("0.9.0"));
+    }
+
+    #[test]
+    fn failures_keep_or_restore_the_previous_version() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("bundles");
+        let d = deployer(&root);
+        run(
+            &d,
+            &job(&bundle(tmp.path(), "1.0.0", "exit 0", "exit 0", "")),
+        );
+
+        let (report, _) = run(
+            &d,
+            &job(&bundle(
+                tmp.path(),
+                "1.1.0",
+                "echo broken; exit 3",
+                "exit 0",
+                "",
+            )),
+        );
+        assert_eq!(report.stage, Stage::Failed);
+        assert!(report.log_tail.contains("broken"), "{report:?}");
+        assert_eq!(d.active("t").as_deref(), Some("1.0.0"));
+        assert!(!root.join("t/versions/1.1.0").exists());
+
+        let (report, stages) = run(
+            &d,
+            &job(&bundle(
+                tmp.path(),
+                "1.2.0",
+                "exit 0",
+                "echo sick; exit 1",
+                "",
+            )),
+        );
+        assert_eq!(report.stage, Stage::RolledBack, "{report:?}");
+        assert_eq!(stages.last(), Some(&Stage::RolledBack));
+        assert!(report.log_tail.contains("sick"), "{report:?}");
+        assert_eq!(d.active("t").as_deref(), Some("1.0.0"));
+        assert!(root.join("t/rollback-ran").exists());
+
+        // An install that hangs (with a child of its own) is killed at its timeout.
+        let started = Instant::now();
+        let (report, _) = run(
+            &d,
+            &job(&bundle(
+                tmp.path(),
+                "1.3.0",
+                "sleep 300 & sleep 300",
+                "exit 0",
+                "",
+            )),
+        );
+        assert_eq!(report.stage, Stage::Failed);
+        assert!(report.message.contains("timed out"), "{report:?}");
+        assert!(started.elapsed() < Duration::from_secs(60));
+        assert_eq!(d.active("t").as_deref(), Some("1.0.0"));
+    }
+
+    #[test]
+    fn a_crash_at_any_step_recovers_to_one_whole_version() {
+        for (step, expected, active) in [
+            ("after-extract", Stage::Failed, "1.0.0"),
+            ("after-install", Stage::Failed, "1.0.0"),
+            ("after-activate", Stage::RolledBack, "1.0.0"),
+        ] {
+            let tmp = tempfile::tempdir().unwrap();
+            let root = tmp.path().join("bundles");
+            run(
+                &deployer(&root),
+                &job(&bundle(tmp.path(), "1.0.0", "exit 0", "exit 0", "")),
+            );
+            let crashing = Deployer {
+                fail_at: Some(step),
+                ..deployer(&root)
+            };
+            let j = job(&bundle(tmp.path(), "1.1.0", "exit 0", "exit 0", ""));
+            let (report, _) = run(&crashing, &j);
+            assert!(
+                report.message.contains("simulated crash"),
+                "{step}: {report:?}"
+            );
+            let recovered = deployer(&root).recover();
+            assert_eq!(recovered.len(), 1, "{step}");
+            assert_eq!(
+                (recovered[0].0.as_str(), recovered[0].1.stage),
+                (j.deployment_id.as_str(), expected),
+                "{step}"
+            );
+            assert_eq!(
+                deployer(&root).active("t").as_deref(),
+                Some(active),
+                "{step}"
+            );
+            assert!(!root.join("t/journal.json").exists(), "{step}");
+            assert!(
+                deployer(&root).recover().is_empty(),
+                "{step}: recovery is done once"
+            );
+            // And the same deployment can run again to the end.
+            let (report, _) = run(&deployer(&root), &j);
+            assert_eq!(report.stage, Stage::Succeeded, "{step}: {report:?}");
+        }
+    }
+
+    #[test]
+    fn pruning_keeps_the_newest_the_active_and_the_previous() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("bundles");
+        let d = Deployer {
+            keep_versions: 2,
+            ..deployer(&root)
+        };
+        for v in ["1.0.0", "1.1.0", "1.2.0", "1.3.0"] {
+            run(&d, &job(&bundle(tmp.path(), v, "exit 0", "exit 0", "")));
+        }
+        let mut left: Vec<String> = std::fs::read_dir(root.join("t/versions"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["1.2.0", "1.3.0"]);
+    }
 }
