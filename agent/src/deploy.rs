@@ -13,6 +13,7 @@
 use crate::extract::{extract, Limits};
 use crate::state::write_atomic;
 use kernex_protocol::bundle::Manifest;
+use kernex_protocol::wire::{DeploymentReport, DeploymentState};
 use serde::{Deserialize, Serialize};
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
@@ -20,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Longest log tail kept per report.
-const LOG_TAIL: usize = 4096;
+const LOG_TAIL: usize = kernex_protocol::wire::MAX_LOG_TAIL;
 
 #[derive(Debug, Clone)]
 pub struct Deployer {
@@ -45,38 +46,12 @@ pub struct Job {
     pub device_class: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Stage {
-    Verifying,
-    Installing,
-    HealthChecking,
-    Succeeded,
-    Failed,
-    RolledBack,
-}
-
-impl Stage {
-    pub fn is_final(self) -> bool {
-        matches!(self, Stage::Succeeded | Stage::Failed | Stage::RolledBack)
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Report {
-    pub stage: Stage,
-    pub message: String,
-    /// The last bytes of script output.
-    pub log_tail: String,
-}
-
-impl Report {
-    fn new(stage: Stage, message: impl Into<String>, log_tail: &str) -> Report {
-        Report {
-            stage,
-            message: message.into(),
-            log_tail: log_tail.to_owned(),
-        }
+/// A report with its state, message and output tail (the device reports these as they are).
+fn outcome(state: DeploymentState, message: impl Into<String>, log_tail: &str) -> DeploymentReport {
+    DeploymentReport {
+        state,
+        message: message.into(),
+        log_tail: log_tail.to_owned(),
     }
 }
 
@@ -110,16 +85,20 @@ impl Deployer {
 
     /// Runs a job to its end; reports each stage through `report` as it starts. Returns the final
     /// report (also the last one passed to `report`).
-    pub fn run(&self, job: &Job, report: &mut dyn FnMut(&Report)) -> Report {
+    pub fn run(&self, job: &Job, report: &mut dyn FnMut(&DeploymentReport)) -> DeploymentReport {
         let last = match self.try_run(job, report) {
             Ok(done) => done,
-            Err(message) => Report::new(Stage::Failed, message, ""),
+            Err(message) => outcome(DeploymentState::Failed, message, ""),
         };
         report(&last);
         last
     }
 
-    fn try_run(&self, job: &Job, report: &mut dyn FnMut(&Report)) -> Result<Report, String> {
+    fn try_run(
+        &self,
+        job: &Job,
+        report: &mut dyn FnMut(&DeploymentReport),
+    ) -> Result<DeploymentReport, String> {
         std::fs::create_dir_all(&self.root)
             .map_err(|e| format!("creating {}: {e}", self.root.display()))?;
         let staging = self.root.join(format!(".staging-{}", job.deployment_id));
@@ -135,8 +114,8 @@ impl Deployer {
         job: &Job,
         manifest: &Manifest,
         staging: &Path,
-        report: &mut dyn FnMut(&Report),
-    ) -> Result<Report, String> {
+        report: &mut dyn FnMut(&DeploymentReport),
+    ) -> Result<DeploymentReport, String> {
         let name_dir = self.root.join(&manifest.name);
         let previous = self.active(&manifest.name);
         if !manifest.compatible.is_empty()
@@ -155,8 +134,8 @@ impl Deployer {
         }
         if let Some(active) = &previous {
             if *active == manifest.version {
-                return Ok(Report::new(
-                    Stage::Succeeded,
+                return Ok(outcome(
+                    DeploymentState::Succeeded,
                     format!("{} {active} is already active", manifest.name),
                     "",
                 ));
@@ -186,8 +165,8 @@ impl Deployer {
         write_journal(&journal_path, &journal)?;
         self.failpoint("after-extract")?;
 
-        report(&Report::new(
-            Stage::Installing,
+        report(&outcome(
+            DeploymentState::Installing,
             format!("installing {} {}", manifest.name, manifest.version),
             "",
         ));
@@ -207,8 +186,8 @@ impl Deployer {
         if let Err(why) = installed {
             let _ = std::fs::remove_dir_all(&target);
             let _ = std::fs::remove_file(&journal_path);
-            return Ok(Report::new(
-                Stage::Failed,
+            return Ok(outcome(
+                DeploymentState::Failed,
                 format!("install script {why}"),
                 &log,
             ));
@@ -222,8 +201,8 @@ impl Deployer {
 
         let mut log = log;
         if let Some(health) = &manifest.scripts.health {
-            report(&Report::new(
-                Stage::HealthChecking,
+            report(&outcome(
+                DeploymentState::HealthChecking,
                 "waiting for the health check to pass",
                 &log,
             ));
@@ -244,8 +223,8 @@ impl Deployer {
             if !healthy {
                 let back = self.roll_back(&name_dir, &journal, manifest, &env, &mut log);
                 let _ = std::fs::remove_file(&journal_path);
-                return Ok(Report::new(
-                    Stage::RolledBack,
+                return Ok(outcome(
+                    DeploymentState::RolledBack,
                     format!(
                         "the health check kept failing for {:?}; {back}",
                         manifest.timeouts.health
@@ -257,8 +236,8 @@ impl Deployer {
         self.failpoint("after-health")?;
         let _ = std::fs::remove_file(&journal_path);
         self.prune(&name_dir, &manifest.version, previous.as_deref());
-        Ok(Report::new(
-            Stage::Succeeded,
+        Ok(outcome(
+            DeploymentState::Succeeded,
             format!("{} {} is active", manifest.name, manifest.version),
             &log,
         ))
@@ -316,7 +295,7 @@ impl Deployer {
 
     /// After a restart: finishes or undoes what a journal says was in progress. Returns one final
     /// report per interrupted deployment.
-    pub fn recover(&self) -> Vec<(String, Report)> {
+    pub fn recover(&self) -> Vec<(String, DeploymentReport)> {
         let mut reports = Vec::new();
         let Ok(entries) = std::fs::read_dir(&self.root) else {
             return reports;
@@ -344,8 +323,8 @@ impl Deployer {
                         "no earlier version to go back to".to_owned()
                     }
                 };
-                Report::new(
-                    Stage::RolledBack,
+                outcome(
+                    DeploymentState::RolledBack,
                     format!(
                         "the agent restarted before {} was confirmed healthy; {back}",
                         journal.version
@@ -358,8 +337,8 @@ impl Deployer {
                 {
                     let _ = std::fs::remove_dir_all(path.join("versions").join(&journal.version));
                 }
-                Report::new(
-                    Stage::Failed,
+                outcome(
+                    DeploymentState::Failed,
                     format!("the agent restarted while installing {}", journal.version),
                     "",
                 )
@@ -441,7 +420,7 @@ fn run_script(
     };
     let output = Arc::new(Mutex::new(String::new()));
     let (done, finished) = std::sync::mpsc::channel::<()>();
-    let readers: Vec<_> = [
+    [
         child
             .stdout
             .take()
@@ -453,7 +432,7 @@ fn run_script(
     ]
     .into_iter()
     .flatten()
-    .map(|mut stream| {
+    .for_each(|mut stream| {
         let output = output.clone();
         let done = done.clone();
         std::thread::spawn(move || {
@@ -469,9 +448,8 @@ fn run_script(
                     *out = tail(&out);
                 }
             }
-        })
-    })
-    .collect();
+        });
+    });
     let deadline = Instant::now() + timeout;
     let result = loop {
         match child.try_wait() {
@@ -493,15 +471,8 @@ fn run_script(
     // A script may leave a daemon behind that holds the pipes open: wait for the output a moment,
     // not for the daemon (the reader threads end when it does).
     drop(done);
-    let grace = Instant::now() + Duration::from_secs(2);
-    let mut open = readers.len();
-    while open > 0 {
-        match finished.recv_timeout(grace.saturating_duration_since(Instant::now())) {
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
-            Ok(()) => open -= 1,
-        }
-    }
+    // Disconnected as soon as every reader has ended, or a timeout: either way, go on.
+    let _ = finished.recv_timeout(Duration::from_secs(2));
     let out = output.lock().unwrap_or_else(|p| p.into_inner()).clone();
     (result, tail(&out))
 }
@@ -575,9 +546,9 @@ mod tests {
         }
     }
 
-    fn run(d: &Deployer, job: &Job) -> (Report, Vec<Stage>) {
+    fn run(d: &Deployer, job: &Job) -> (DeploymentReport, Vec<DeploymentState>) {
         let mut stages = Vec::new();
-        let report = d.run(job, &mut |r: &Report| stages.push(r.stage));
+        let report = d.run(job, &mut |r: &DeploymentReport| stages.push(r.state));
         (report, stages)
     }
 
@@ -588,14 +559,18 @@ mod tests {
         let d = deployer(&root);
         let echo = "echo \"prev=$KERNEX_PREVIOUS_VERSION\" > seen";
         let (report, stages) = run(&d, &job(&bundle(tmp.path(), "1.0.0", echo, "exit 0", "")));
-        assert_eq!(report.stage, Stage::Succeeded, "{report:?}");
+        assert_eq!(report.state, DeploymentState::Succeeded, "{report:?}");
         assert_eq!(
             stages,
-            [Stage::Installing, Stage::HealthChecking, Stage::Succeeded]
+            [
+                DeploymentState::Installing,
+                DeploymentState::HealthChecking,
+                DeploymentState::Succeeded
+            ]
         );
         assert_eq!(d.active("t").as_deref(), Some("1.0.0"));
         let (report, _) = run(&d, &job(&bundle(tmp.path(), "1.1.0", echo, "exit 0", "")));
-        assert_eq!(report.stage, Stage::Succeeded, "{report:?}");
+        assert_eq!(report.state, DeploymentState::Succeeded, "{report:?}");
         assert_eq!(
             std::fs::read_to_string(root.join("t/current/seen")).unwrap(),
             "prev=1.0.0\n"
@@ -603,7 +578,7 @@ mod tests {
 
         let old = bundle(tmp.path(), "0.9.0", "exit 0", "exit 0", "");
         let (report, _) = run(&d, &job(&old));
-        assert_eq!(report.stage, Stage::Failed);
+        assert_eq!(report.state, DeploymentState::Failed);
         assert!(
             report.message.contains("older than the active 1.1.0"),
             "{report:?}"
@@ -615,7 +590,7 @@ mod tests {
                 ..job(&old)
             },
         );
-        assert_eq!(report.stage, Stage::Succeeded, "{report:?}");
+        assert_eq!(report.state, DeploymentState::Succeeded, "{report:?}");
         assert_eq!(d.active("t").as_deref(), Some("0.9.0"));
 
         let other = bundle(
@@ -653,7 +628,7 @@ mod tests {
                 "",
             )),
         );
-        assert_eq!(report.stage, Stage::Failed);
+        assert_eq!(report.state, DeploymentState::Failed);
         assert!(report.log_tail.contains("broken"), "{report:?}");
         assert_eq!(d.active("t").as_deref(), Some("1.0.0"));
         assert!(!root.join("t/versions/1.1.0").exists());
@@ -668,8 +643,8 @@ mod tests {
                 "",
             )),
         );
-        assert_eq!(report.stage, Stage::RolledBack, "{report:?}");
-        assert_eq!(stages.last(), Some(&Stage::RolledBack));
+        assert_eq!(report.state, DeploymentState::RolledBack, "{report:?}");
+        assert_eq!(stages.last(), Some(&DeploymentState::RolledBack));
         assert!(report.log_tail.contains("sick"), "{report:?}");
         assert_eq!(d.active("t").as_deref(), Some("1.0.0"));
         assert!(root.join("t/rollback-ran").exists());
@@ -686,7 +661,7 @@ mod tests {
                 "",
             )),
         );
-        assert_eq!(report.stage, Stage::Failed);
+        assert_eq!(report.state, DeploymentState::Failed);
         assert!(report.message.contains("timed out"), "{report:?}");
         assert!(started.elapsed() < Duration::from_secs(60));
         assert_eq!(d.active("t").as_deref(), Some("1.0.0"));
@@ -695,9 +670,9 @@ mod tests {
     #[test]
     fn a_crash_at_any_step_recovers_to_one_whole_version() {
         for (step, expected, active) in [
-            ("after-extract", Stage::Failed, "1.0.0"),
-            ("after-install", Stage::Failed, "1.0.0"),
-            ("after-activate", Stage::RolledBack, "1.0.0"),
+            ("after-extract", DeploymentState::Failed, "1.0.0"),
+            ("after-install", DeploymentState::Failed, "1.0.0"),
+            ("after-activate", DeploymentState::RolledBack, "1.0.0"),
         ] {
             let tmp = tempfile::tempdir().unwrap();
             let root = tmp.path().join("bundles");
@@ -718,7 +693,7 @@ mod tests {
             let recovered = deployer(&root).recover();
             assert_eq!(recovered.len(), 1, "{step}");
             assert_eq!(
-                (recovered[0].0.as_str(), recovered[0].1.stage),
+                (recovered[0].0.as_str(), recovered[0].1.state),
                 (j.deployment_id.as_str(), expected),
                 "{step}"
             );
@@ -734,7 +709,11 @@ mod tests {
             );
             // And the same deployment can run again to the end.
             let (report, _) = run(&deployer(&root), &j);
-            assert_eq!(report.stage, Stage::Succeeded, "{step}: {report:?}");
+            assert_eq!(
+                report.state,
+                DeploymentState::Succeeded,
+                "{step}: {report:?}"
+            );
         }
     }
 

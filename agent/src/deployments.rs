@@ -12,12 +12,12 @@
 //! ```
 
 use crate::client::{Client, ClientError};
-use crate::deploy::{Deployer, Job, Report, Stage};
+use crate::deploy::{Deployer, Job};
 use crate::state::write_atomic;
 use crate::{info, warn};
 use kernex_protocol::bundle::{read_sealed, PublisherPublicKey};
 use kernex_protocol::wire::{
-    DeployArgs, DeploymentReport, DeploymentReportResponse, DeploymentState, MAX_LOG_TAIL,
+    DeployArgs, DeploymentReport, DeploymentReportResponse, DeploymentState,
 };
 use kernex_protocol::BootstrapConfig;
 use std::path::{Path, PathBuf};
@@ -143,21 +143,25 @@ impl Worker {
         // and says what happened; those reports go out first.
         for (deployment, report) in self.deployer.recover() {
             warn!("deployment {deployment}: {}", report.message);
-            self.save_report(&deployment, &to_wire(&report));
+            self.save_report(&deployment, &report);
             self.finish_job(&deployment);
         }
         let mut seen = 0;
         loop {
             let token = self.wait_for_work(&mut seen);
             self.flush_reports(&token);
-            if let Some(args) = self.next_job() {
+            // Drain the queue: one job after the other, each with the newest token.
+            while let Some(args) = self.next_job() {
+                let token = self.token().unwrap_or_else(|| token.clone());
                 self.run_job(&args, &token);
                 self.flush_reports(&token);
             }
         }
     }
 
-    /// Blocks until there is a session token and something may have changed; returns the token.
+    /// Blocks until there is a session token and either an input changed (a new job, token or
+    /// key: at once) or work waits on disk (a report the server did not take, a job from before a
+    /// restart: after a pause, so an unreachable server is not retried in a tight loop).
     fn wait_for_work(&self, seen: &mut u64) -> String {
         let mut inputs = self
             .shared
@@ -166,18 +170,33 @@ impl Worker {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         loop {
             if let Some(token) = inputs.token.clone() {
-                if inputs.generation != *seen || self.has_work() {
+                if inputs.generation != *seen {
                     *seen = inputs.generation;
                     return token;
                 }
             }
-            inputs = self
+            let (guard, waited) = self
                 .shared
                 .changed
                 .wait_timeout(inputs, Duration::from_secs(5))
-                .map(|(guard, _)| guard)
-                .unwrap_or_else(|poisoned| poisoned.into_inner().0);
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            inputs = guard;
+            if let Some(token) = inputs.token.clone() {
+                if waited.timed_out() && self.has_work() {
+                    return token;
+                }
+            }
         }
+    }
+
+    /// The newest session token (the runner renews it while long jobs run).
+    fn token(&self) -> Option<String> {
+        self.shared
+            .inputs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .token
+            .clone()
     }
 
     fn has_work(&self) -> bool {
@@ -224,13 +243,13 @@ impl Worker {
                     allow_downgrade: args.allow_downgrade,
                     device_class: args.device_class.clone(),
                 };
-                let report = self.deployer.run(&job, &mut |r: &Report| {
-                    if !r.stage.is_final() {
-                        self.report(&args.deployment, token, &to_wire(r));
+                let report = self.deployer.run(&job, &mut |r: &DeploymentReport| {
+                    if !r.state.is_terminal() {
+                        self.report(&args.deployment, token, r);
                     }
                 });
                 let _ = std::fs::remove_file(&archive);
-                to_wire(&report)
+                report
             }
             Err(Early::Cancelled) => DeploymentReport {
                 state: DeploymentState::Cancelled,
@@ -296,7 +315,6 @@ impl Worker {
                     )));
                 }
                 Err(e) => {
-                    // Remember the ETag of what we have so far, for If-Range on the retry.
                     if started.elapsed() > DOWNLOAD_PATIENCE {
                         return Err(Early::Failed(format!("downloading the bundle: {e}")));
                     }
@@ -440,21 +458,6 @@ fn state(state: DeploymentState, message: &str) -> DeploymentReport {
         state,
         message: message.to_owned(),
         log_tail: String::new(),
-    }
-}
-
-fn to_wire(report: &Report) -> DeploymentReport {
-    DeploymentReport {
-        state: match report.stage {
-            Stage::Verifying => DeploymentState::Verifying,
-            Stage::Installing => DeploymentState::Installing,
-            Stage::HealthChecking => DeploymentState::HealthChecking,
-            Stage::Succeeded => DeploymentState::Succeeded,
-            Stage::Failed => DeploymentState::Failed,
-            Stage::RolledBack => DeploymentState::RolledBack,
-        },
-        message: report.message.clone(),
-        log_tail: kernex_protocol::truncate_utf8(&report.log_tail, MAX_LOG_TAIL).to_owned(),
     }
 }
 

@@ -203,23 +203,16 @@ fn extract_into(archive: &Path, dest: &Path, limits: &Limits) -> Result<Manifest
             manifest.files, manifest.payload_bytes
         )));
     }
-    for (key, path) in [
-        ("scripts.install", Some(&manifest.scripts.install)),
-        ("scripts.health", manifest.scripts.health.as_ref()),
-        ("scripts.rollback", manifest.scripts.rollback.as_ref()),
-        ("agent_binary", manifest.agent_binary.as_ref()),
-    ] {
-        if let Some(path) = path {
-            let is_file = normalize(Path::new(path))
-                .ok()
-                .and_then(|rel| std::fs::symlink_metadata(dest.join(rel)).ok())
-                .is_some_and(|m| m.is_file());
-            if !is_file {
-                return Err(refused(
-                    path,
-                    format!("{key} names no regular file in the bundle"),
-                ));
-            }
+    for (key, path) in manifest.named_files() {
+        let is_file = normalize(Path::new(path))
+            .ok()
+            .and_then(|rel| std::fs::symlink_metadata(dest.join(rel)).ok())
+            .is_some_and(|m| m.is_file());
+        if !is_file {
+            return Err(refused(
+                path,
+                format!("{key} names no regular file in the bundle"),
+            ));
         }
     }
     Ok(manifest)

@@ -172,15 +172,9 @@ impl Manifest {
                 self.version
             ));
         }
-        let mut scripts = vec![("scripts.install", Some(&self.scripts.install))];
-        scripts.push(("scripts.health", self.scripts.health.as_ref()));
-        scripts.push(("scripts.rollback", self.scripts.rollback.as_ref()));
-        scripts.push(("agent_binary", self.agent_binary.as_ref()));
-        for (key, path) in scripts {
-            if let Some(path) = path {
-                if let Err(why) = check_relative_path(path) {
-                    return bad(format!("{key} = {path:?}: {why}"));
-                }
+        for (key, path) in self.named_files() {
+            if let Err(why) = check_relative_path(path) {
+                return bad(format!("{key} = {path:?}: {why}"));
             }
         }
         for (key, value) in [
@@ -193,6 +187,19 @@ impl Manifest {
             }
         }
         Ok(())
+    }
+
+    /// The files the manifest names, with the key naming each: every one must be a regular file
+    /// of the bundle (checked by `pack` and again on extraction).
+    pub fn named_files(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        [
+            ("scripts.install", Some(&self.scripts.install)),
+            ("scripts.health", self.scripts.health.as_ref()),
+            ("scripts.rollback", self.scripts.rollback.as_ref()),
+            ("agent_binary", self.agent_binary.as_ref()),
+        ]
+        .into_iter()
+        .filter_map(|(key, path)| path.map(|p| (key, p.as_str())))
     }
 
     pub fn semver(&self) -> semver::Version {
@@ -255,22 +262,15 @@ pub fn pack(dir: &Path, key: &PublisherKey, out: &Path) -> Result<Packed, Bundle
         .filter(|(_, meta)| meta.is_file())
         .map(|(_, meta)| meta.len())
         .sum();
-    for (key, path) in [
-        ("scripts.install", Some(&manifest.scripts.install)),
-        ("scripts.health", manifest.scripts.health.as_ref()),
-        ("scripts.rollback", manifest.scripts.rollback.as_ref()),
-        ("agent_binary", manifest.agent_binary.as_ref()),
-    ] {
-        if let Some(path) = path {
-            if !entries
-                .iter()
-                .any(|(rel, meta)| meta.is_file() && rel == Path::new(path))
-            {
-                return Err(BundleError::Manifest(format!(
-                    "{key} = {path:?} is not a file in {}",
-                    dir.display()
-                )));
-            }
+    for (key, path) in manifest.named_files() {
+        if !entries
+            .iter()
+            .any(|(rel, meta)| meta.is_file() && rel == Path::new(path))
+        {
+            return Err(BundleError::Manifest(format!(
+                "{key} = {path:?} is not a file in {}",
+                dir.display()
+            )));
         }
     }
 

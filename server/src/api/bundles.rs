@@ -284,36 +284,31 @@ fn unknown_bundle(id: &str) -> ApiError {
     ApiError::not_found("unknown_bundle", format!("no bundle `{id}`"))
 }
 
-/// Who is downloading: an operator (API key) or a device (bearer token from `/auth`).
-enum Downloader {
-    Operator(Principal),
-    Device(crate::device_token::DeviceClaims),
-}
-
-/// `GET /api/v1/bundles/{id}/content`: the packed file, with `Range` (resume) and `ETag`.
+/// `GET /api/v1/bundles/{id}/content`: the packed file, with `Range` (resume) and `ETag`, for an
+/// operator (API key) or for a device (bearer token from `/auth`) the bundle was released to.
 pub async fn content(
     State(state): State<AppState>,
     Path(id): Path<String>,
     request: axum::extract::Request,
 ) -> ApiResult<Response> {
     let (mut parts, _) = request.into_parts();
-    let is_api_key = bearer(&parts).is_some_and(|b| b.starts_with("kxk_"));
-    let downloader = if is_api_key {
-        Downloader::Operator(Principal::from_request_parts(&mut parts, &state).await?)
+    let is_api_key = bearer(&parts).is_some_and(|b| {
+        kernex_protocol::SecretToken::parse(kernex_protocol::TokenKind::ApiKey, b).is_ok()
+    });
+    // The tenant, and the device when a device asks.
+    let (tenant_id, device_id) = if is_api_key {
+        let principal = Principal::from_request_parts(&mut parts, &state).await?;
+        (principal.tenant_id, None)
     } else {
         let DeviceAuth(claims) = DeviceAuth::from_request_parts(&mut parts, &state).await?;
-        Downloader::Device(claims)
-    };
-    let tenant_id = match &downloader {
-        Downloader::Operator(p) => p.tenant_id.clone(),
-        Downloader::Device(d) => d.tenant_id.clone(),
+        (claims.tenant_id, Some(claims.device_id))
     };
     let bundle = bundles::get(&state.db, &tenant_id, &id)
         .await?
         .ok_or_else(|| unknown_bundle(&id))?;
-    if let Downloader::Device(device) = &downloader {
+    if let Some(device_id) = device_id {
         // Not released to this device: as if it did not exist.
-        if !deployments::device_may_fetch(&state.db, &device.device_id, &bundle.id).await? {
+        if !deployments::device_may_fetch(&state.db, &device_id, &bundle.id).await? {
             return Err(unknown_bundle(&id));
         }
     }

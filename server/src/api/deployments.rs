@@ -282,7 +282,7 @@ pub async fn rollback(
     if matches!(deployment.state.as_str(), "running" | "paused") {
         deployments::act(&state.db, &principal.tenant_id, &id, Action::Cancel).await?;
     }
-    let targets = deployments::succeeded_devices(&state.db, &id).await?;
+    let targets = deployments::rollback_targets(&state.db, &id).await?;
     if targets.is_empty() {
         return Err(ApiError::conflict(
             "nothing_to_roll_back",

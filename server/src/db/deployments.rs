@@ -599,8 +599,8 @@ pub async fn step(db: &Db, id: &str) -> Result<bool, sqlx::Error> {
     })
 }
 
-/// The deployment's devices that finished with the new version, for a rollback.
-pub async fn succeeded_devices(db: &Db, deployment_id: &str) -> Result<Vec<String>, sqlx::Error> {
+/// The devices of a deployment that got its version or are getting it: what a rollback targets.
+pub async fn rollback_targets(db: &Db, deployment_id: &str) -> Result<Vec<String>, sqlx::Error> {
     with_pool!(db, pool => sqlx::query_scalar::<_, String>(
         "SELECT device_id FROM deployment_devices WHERE deployment_id = $1 AND state IN ('succeeded', 'queued', 'downloading', 'verifying', 'installing', 'health-checking') ORDER BY position")
         .bind(deployment_id).fetch_all(pool).await)
