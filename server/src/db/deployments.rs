@@ -318,6 +318,33 @@ pub async fn create(db: &Db, new: &NewDeployment) -> Result<Deployment, ApiError
     Ok(deployment)
 }
 
+/// Cancels, inside transaction `$tx`, every device of deployment `$id` not released yet, with
+/// `$message`. A macro because it runs inside `with_pool!` bodies, once per backend's
+/// transaction type.
+macro_rules! cancel_pending {
+    ($tx:ident, $id:expr, $message:expr, $now:expr) => {{
+        let pending: Vec<(String, String)> = sqlx::query_as(
+            "SELECT device_id, history FROM deployment_devices WHERE deployment_id = $1 AND state = 'pending'",
+        )
+        .bind($id)
+        .fetch_all(&mut *$tx)
+        .await?;
+        for (device, history) in pending {
+            sqlx::query(
+                "UPDATE deployment_devices SET state = 'cancelled', message = $1, history = $2, updated_at = $3,
+                    finished_at = $3 WHERE deployment_id = $4 AND device_id = $5 AND state = 'pending'",
+            )
+            .bind($message)
+            .bind(history_with(&history, "cancelled", $now))
+            .bind($now)
+            .bind($id)
+            .bind(&device)
+            .execute(&mut *$tx)
+            .await?;
+        }
+    }};
+}
+
 fn history_with(history: &str, state: &str, at: i64) -> String {
     let mut entries: Vec<serde_json::Value> = serde_json::from_str(history).unwrap_or_default();
     entries.push(serde_json::json!({"state": state, "at": rfc3339(at)}));
@@ -404,16 +431,7 @@ pub async fn act(
             .execute(&mut *tx).await?.rows_affected();
         if changed == 1 && action == Action::Cancel {
             // Devices not started never start; devices in flight hear of it in their next report.
-            let pending: Vec<(String, String)> = sqlx::query_as(
-                "SELECT device_id, history FROM deployment_devices WHERE deployment_id = $1 AND state = 'pending'")
-                .bind(id).fetch_all(&mut *tx).await?;
-            for (device, history) in pending {
-                sqlx::query(
-                    "UPDATE deployment_devices SET state = 'cancelled', history = $1, updated_at = $2, finished_at = $2
-                     WHERE deployment_id = $3 AND device_id = $4 AND state = 'pending'")
-                    .bind(history_with(&history, "cancelled", now)).bind(now).bind(id).bind(&device)
-                    .execute(&mut *tx).await?;
-            }
+            cancel_pending!(tx, id, "", now);
         }
         tx.commit().await?;
         Ok::<_, sqlx::Error>(changed)
@@ -534,15 +552,7 @@ pub async fn step(db: &Db, id: &str) -> Result<bool, sqlx::Error> {
             sqlx::query("UPDATE deployments SET state = $1, message = $2, current_phase = $3, updated_at = $4, finished_at = $4 WHERE id = $5")
                 .bind(state).bind(message).bind(phase).bind(now).bind(id).execute(&mut *tx).await?;
             if *state == "halted" {
-                let pending: Vec<(String, String)> = sqlx::query_as(
-                    "SELECT device_id, history FROM deployment_devices WHERE deployment_id = $1 AND state = 'pending'")
-                    .bind(id).fetch_all(&mut *tx).await?;
-                for (device, history) in pending {
-                    sqlx::query("UPDATE deployment_devices SET state = 'cancelled', message = 'the deployment halted', history = $1, updated_at = $2, finished_at = $2
-                                 WHERE deployment_id = $3 AND device_id = $4 AND state = 'pending'")
-                        .bind(history_with(&history, "cancelled", now)).bind(now).bind(id).bind(&device)
-                        .execute(&mut *tx).await?;
-                }
+                cancel_pending!(tx, id, "the deployment halted", now);
             }
             tx.commit().await?;
             return Ok(true);
