@@ -83,21 +83,27 @@ impl Deployer {
         target.file_name().map(|n| n.to_string_lossy().into_owned())
     }
 
-    /// Runs a job to its end; reports each stage through `report` as it starts. Returns the final
-    /// report (also the last one passed to `report`).
-    pub fn run(&self, job: &Job, report: &mut dyn FnMut(&DeploymentReport)) -> DeploymentReport {
+    /// Runs a job to its end; reports each stage through `report` as it starts. `report` answers
+    /// whether to go on: false (the deployment was cancelled) stops the job if it has not touched
+    /// the installed versions yet; once installation began it runs to its end, so a cancel never
+    /// leaves half an installation. Returns the final report (also the last one passed to `report`).
+    pub fn run(
+        &self,
+        job: &Job,
+        report: &mut dyn FnMut(&DeploymentReport) -> bool,
+    ) -> DeploymentReport {
         let last = match self.try_run(job, report) {
             Ok(done) => done,
             Err(message) => outcome(DeploymentState::Failed, message, ""),
         };
-        report(&last);
+        let _ = report(&last);
         last
     }
 
     fn try_run(
         &self,
         job: &Job,
-        report: &mut dyn FnMut(&DeploymentReport),
+        report: &mut dyn FnMut(&DeploymentReport) -> bool,
     ) -> Result<DeploymentReport, String> {
         std::fs::create_dir_all(&self.root)
             .map_err(|e| format!("creating {}: {e}", self.root.display()))?;
@@ -114,7 +120,7 @@ impl Deployer {
         job: &Job,
         manifest: &Manifest,
         staging: &Path,
-        report: &mut dyn FnMut(&DeploymentReport),
+        report: &mut dyn FnMut(&DeploymentReport) -> bool,
     ) -> Result<DeploymentReport, String> {
         let name_dir = self.root.join(&manifest.name);
         let previous = self.active(&manifest.name);
@@ -148,6 +154,19 @@ impl Deployer {
                 ));
             }
         }
+        // The last moment a cancel can stop the job with nothing changed on the appliance.
+        let go_on = report(&outcome(
+            DeploymentState::Installing,
+            format!("installing {} {}", manifest.name, manifest.version),
+            "",
+        ));
+        if !go_on {
+            return Ok(outcome(
+                DeploymentState::Cancelled,
+                "cancelled before installation",
+                "",
+            ));
+        }
         let versions = name_dir.join("versions");
         std::fs::create_dir_all(&versions)
             .map_err(|e| format!("creating {}: {e}", versions.display()))?;
@@ -165,11 +184,6 @@ impl Deployer {
         write_journal(&journal_path, &journal)?;
         self.failpoint("after-extract")?;
 
-        report(&outcome(
-            DeploymentState::Installing,
-            format!("installing {} {}", manifest.name, manifest.version),
-            "",
-        ));
         let env = Env {
             dir: &target,
             name: &manifest.name,
@@ -201,7 +215,8 @@ impl Deployer {
 
         let mut log = log;
         if let Some(health) = &manifest.scripts.health {
-            report(&outcome(
+            // Too late to stop: the new version is active and must prove itself or be rolled back.
+            let _ = report(&outcome(
                 DeploymentState::HealthChecking,
                 "waiting for the health check to pass",
                 &log,
@@ -548,7 +563,10 @@ mod tests {
 
     fn run(d: &Deployer, job: &Job) -> (DeploymentReport, Vec<DeploymentState>) {
         let mut stages = Vec::new();
-        let report = d.run(job, &mut |r: &DeploymentReport| stages.push(r.state));
+        let report = d.run(job, &mut |r: &DeploymentReport| {
+            stages.push(r.state);
+            true
+        });
         (report, stages)
     }
 
@@ -606,6 +624,42 @@ mod tests {
             "{report:?}"
         );
         assert_eq!(d.active("t").as_deref(), Some("0.9.0"));
+    }
+
+    #[test]
+    fn a_cancel_before_installation_changes_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("bundles");
+        let d = deployer(&root);
+        run(
+            &d,
+            &job(&bundle(tmp.path(), "1.0.0", "exit 0", "exit 0", "")),
+        );
+        let mut stages = Vec::new();
+        let report = d.run(
+            &job(&bundle(tmp.path(), "1.1.0", "touch ran", "exit 0", "")),
+            &mut |r: &DeploymentReport| {
+                stages.push(r.state);
+                r.state != DeploymentState::Installing
+            },
+        );
+        assert_eq!(report.state, DeploymentState::Cancelled, "{report:?}");
+        assert_eq!(
+            stages,
+            [DeploymentState::Installing, DeploymentState::Cancelled]
+        );
+        assert_eq!(d.active("t").as_deref(), Some("1.0.0"));
+        let left: Vec<_> = std::fs::read_dir(root.join("t/versions"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["1.0.0"]);
+        assert!(!root.join("t/journal.json").exists());
+        assert!(std::fs::read_dir(&root).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with(".staging")));
     }
 
     #[test]

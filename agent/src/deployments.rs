@@ -244,9 +244,8 @@ impl Worker {
                     device_class: args.device_class.clone(),
                 };
                 let report = self.deployer.run(&job, &mut |r: &DeploymentReport| {
-                    if !r.state.is_terminal() {
-                        self.report(&args.deployment, token, r);
-                    }
+                    // The final report goes out below, after it is on disk.
+                    r.state.is_terminal() || !self.report(&args.deployment, token, r)
                 });
                 let _ = std::fs::remove_file(&archive);
                 report

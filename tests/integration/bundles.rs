@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 /// A publisher key made with `kernex-server bundle keygen`: (private, public) paths.
-fn keygen(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+pub fn keygen(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     let key = dir.join(format!("{name}.pem"));
     let out = Command::new(binary("kernex-server"))
         .args(["bundle", "keygen", "--out"])
@@ -24,7 +24,18 @@ fn keygen(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
 }
 
 /// Writes a bundle directory and packs it with `kernex-server bundle pack`.
-fn pack(dir: &Path, key: &Path, version: &str, health_ok: bool) -> PathBuf {
+pub fn pack(dir: &Path, key: &Path, version: &str, health_ok: bool) -> PathBuf {
+    pack_with(dir, key, version, health_ok, &[7u8; 300_000])
+}
+
+/// [`pack`] with the given payload (random bytes make a bundle as large as they are).
+pub fn pack_with(
+    dir: &Path,
+    key: &Path,
+    version: &str,
+    health_ok: bool,
+    payload: &[u8],
+) -> PathBuf {
     let src = dir.join(format!("src-{version}"));
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(
@@ -56,7 +67,7 @@ fn pack(dir: &Path, key: &Path, version: &str, health_ok: bool) -> PathBuf {
         "rollback.sh",
         "echo rolled back > \"$KERNEX_BUNDLE_DIR/../../rollback-ran\"",
     );
-    std::fs::write(src.join("payload.bin"), vec![7u8; 300_000]).unwrap();
+    std::fs::write(src.join("payload.bin"), payload).unwrap();
     let out = dir.join(format!("hello-{version}.kxb"));
     let status = Command::new(binary("kernex-server"))
         .args(["bundle", "pack"])
@@ -75,7 +86,7 @@ fn pack(dir: &Path, key: &Path, version: &str, health_ok: bool) -> PathBuf {
     out
 }
 
-fn post_raw(api: &Api, path: &str, body: &[u8]) -> Reply {
+pub fn post_raw(api: &Api, path: &str, body: &[u8]) -> Reply {
     into_reply(
         ureq::post(&format!("{}/api/v1{path}", api.base))
             .set("authorization", &format!("Bearer {}", api.key))
@@ -83,7 +94,7 @@ fn post_raw(api: &Api, path: &str, body: &[u8]) -> Reply {
     )
 }
 
-fn upload(api: &Api, file: &Path) -> Reply {
+pub fn upload(api: &Api, file: &Path) -> Reply {
     post_raw(api, "/bundles", &std::fs::read(file).unwrap())
 }
 
@@ -214,20 +225,20 @@ fn bundles_upload_refusals_and_ranged_download() {
 }
 
 /// Current version of `hello` installed by an agent, from its state directory.
-fn active_version(agent: &Agent) -> Option<String> {
+pub fn active_version(agent: &Agent) -> Option<String> {
     let link = agent.state_dir().join("bundles/hello/current");
     std::fs::read_link(link)
         .ok()
         .and_then(|target| target.file_name().map(|n| n.to_string_lossy().into_owned()))
 }
 
-fn deployment(api: &Api, id: &str) -> Value {
+pub fn deployment(api: &Api, id: &str) -> Value {
     let (status, body) = api.get(&format!("/deployments/{id}"));
     assert_eq!(status, 200, "{body}");
     body
 }
 
-fn wait_deployment(api: &Api, id: &str, state: &str) -> Value {
+pub fn wait_deployment(api: &Api, id: &str, state: &str) -> Value {
     wait_for(
         &format!("deployment {id} to be {state}"),
         Duration::from_secs(120),

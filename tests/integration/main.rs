@@ -8,6 +8,7 @@ mod bundles;
 mod device_protocol;
 mod imagebuilder;
 mod rest_api;
+mod rollout_resilience;
 mod tls;
 
 use kernex_protocol::wire::{EnrollRequest, Facts};

@@ -9,6 +9,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+pub mod proxy;
+
 use serde_json::Value;
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
@@ -60,6 +62,11 @@ pub enum Storage {
         url: String,
         name: String,
     },
+    /// Another server's database and data directory, owned by that server.
+    Replica {
+        url: String,
+        data_dir: PathBuf,
+    },
 }
 
 impl Storage {
@@ -80,7 +87,7 @@ impl Storage {
 
     fn args(&self, data_dir: &Path) -> Vec<String> {
         let mut args = vec!["--data-dir".to_owned(), data_dir.display().to_string()];
-        if let Storage::Postgres { url, .. } = self {
+        if let Storage::Postgres { url, .. } | Storage::Replica { url, .. } = self {
             args.extend(["--database".to_owned(), url.clone()]);
         }
         args
@@ -147,7 +154,31 @@ impl Server {
     }
 
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        match &self.storage {
+            Storage::Replica { data_dir, .. } => data_dir.clone(),
+            _ => self.dir.path().join("data"),
+        }
+    }
+
+    /// Another `kernex-server serve` on the same PostgreSQL database and bundle directory (a
+    /// replica behind a load balancer); None on SQLite, which is one process's database.
+    pub fn replica(&self) -> Option<Server> {
+        let Storage::Postgres { url, .. } = &self.storage else {
+            return None;
+        };
+        let mut replica = Server {
+            dir: tempfile::tempdir().unwrap(),
+            storage: Storage::Replica {
+                url: url.clone(),
+                data_dir: self.data_dir(),
+            },
+            url: String::new(),
+            port: 0,
+            extra: self.extra.clone(),
+            child: None,
+        };
+        replica.spawn(0);
+        Some(replica)
     }
 
     fn spawn(&mut self, port: u16) {
@@ -343,7 +374,13 @@ impl Agent {
     }
 
     pub fn spawn(&mut self) {
+        self.spawn_with_env(&[]);
+    }
+
+    /// Starts the agent again with extra environment variables (e.g. `KERNEX_AGENT_FAILPOINT`).
+    pub fn spawn_with_env(&mut self, env: &[(&str, &str)]) {
         let child = Command::new(binary("kernex-agent"))
+            .envs(env.iter().copied())
             .args([
                 "run",
                 "--max-backoff",
