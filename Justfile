@@ -30,6 +30,25 @@ agent-binary:
     @out=$(file {{agent_bin}}); echo "$out"; grep -q "static" <<<"$out" || { echo "kernex-agent is not static" >&2; exit 1; }
     @echo "kernex-agent (static musl, stripped): $(stat -c %s {{agent_bin}}) bytes"
 
+# A second static agent that says it is one patch newer (`<x.y.z+1>-next`), for the self-update
+# tests; rebuilt only when the agent's sources change. Leaves the shipped agent in place.
+agent-next: agent-binary
+    #!/usr/bin/env bash
+    set -euo pipefail
+    out=target/agent-next/kernex-agent
+    inputs=$(git ls-files -co --exclude-standard agent protocol Cargo.lock | sort | xargs cat | sha256sum | cut -c1-16)
+    if [ -x "$out" ] && [ "$(cat "$out.inputs" 2>/dev/null)" = "$inputs" ]; then
+      echo "$out ($("$out" --version)) is up to date"; exit 0
+    fi
+    current=$({{agent_bin}} --version | cut -d' ' -f2)
+    next=$(awk -F. '{ split($3, p, "-"); printf "%d.%d.%d-next", $1, $2, p[1] + 1 }' <<<"$current")
+    KERNEX_AGENT_VERSION=$next cargo build -p kernex-agent --profile agent --target {{musl_target}}
+    mkdir -p target/agent-next
+    cp {{agent_bin}} "$out"
+    cargo build -p kernex-agent --profile agent --target {{musl_target}}
+    echo "$inputs" > "$out.inputs"
+    echo "$out: $("$out" --version) (shipped: $({{agent_bin}} --version))"
+
 # Formatting and lints, as CI runs them.
 lint:
     cargo fmt --all -- --check
@@ -79,10 +98,11 @@ test-postgres: build agent-binary
 
 # The integration suite on one backend, with the shipped (musl) agent.
 [private]
-_integration backend:
+_integration backend: agent-next
     @echo "==> integration tests on {{backend}}"
     {{ if backend == "postgres" { "export KERNEX_TEST_POSTGRES=\"$(scripts/postgres.sh)\";" } else { "" } }} \
-      KERNEX_AGENT_BIN={{agent_bin}} cargo test -p kernex-tests --test integration
+      KERNEX_AGENT_BIN={{agent_bin}} KERNEX_AGENT_NEXT_BIN={{justfile_directory()}}/target/agent-next/kernex-agent \
+      cargo test -p kernex-tests --test integration
 
 # Heartbeat throughput against SQLite and PostgreSQL, side by side with a no-op endpoint.
 bench-heartbeat *ARGS:

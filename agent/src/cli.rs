@@ -9,7 +9,7 @@ use std::time::Duration;
 #[derive(Debug, Parser)]
 #[command(
     name = "kernex-agent",
-    version,
+    version = crate::VERSION,
     about = "Kernex appliance agent: enrollment, heartbeats, commands."
 )]
 pub struct Cli {
@@ -68,6 +68,10 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             hardware_id,
             max_backoff,
         } => {
+            // A pending self-update, or a confirmed newer agent, runs instead of this binary.
+            if let Some(code) = crate::selfupdate::launch(&state_dir) {
+                return Ok(code);
+            }
             let options = RunOptions {
                 bootstrap,
                 state_dir,

@@ -33,6 +33,8 @@ pub struct Deployer {
     pub limits: Limits,
     /// Test hook: stop right after this step as a crash would (journal and files left as they are).
     pub fail_at: Option<&'static str>,
+    /// The agent's state directory, where agent updates are staged (`selfupdate`).
+    agent_state: PathBuf,
 }
 
 /// One deployment for the deployer: the verified archive and what the server allowed.
@@ -67,8 +69,10 @@ struct Journal {
 }
 
 impl Deployer {
+    /// `root` is `<state-dir>/bundles`.
     pub fn new(root: PathBuf) -> Deployer {
         Deployer {
+            agent_state: root.parent().unwrap_or(&root).to_owned(),
             root,
             keep_versions: 3,
             health_retry: Duration::from_secs(1),
@@ -123,7 +127,11 @@ impl Deployer {
         report: &mut dyn FnMut(&DeploymentReport) -> bool,
     ) -> Result<DeploymentReport, String> {
         let name_dir = self.root.join(&manifest.name);
-        let previous = self.active(&manifest.name);
+        // An agent bundle is compared with the agent that runs, whatever was installed before.
+        let previous = match manifest.agent_binary {
+            Some(_) => Some(crate::VERSION.to_owned()),
+            None => self.active(&manifest.name),
+        };
         if !manifest.compatible.is_empty()
             && !job
                 .device_class
@@ -207,6 +215,33 @@ impl Deployer {
             ));
         }
         self.failpoint("after-install")?;
+
+        if let Some(binary) = &manifest.agent_binary {
+            // Settled by the new agent's first heartbeat, or its absence (see `selfupdate`). The
+            // journal goes first: from the trial on, a crash is the supervisor's to handle.
+            let _ = std::fs::remove_file(&journal_path);
+            let staged = crate::selfupdate::stage(
+                &self.agent_state,
+                &job.deployment_id,
+                &manifest.version,
+                &target.join(binary),
+                manifest.timeouts.health,
+            );
+            return Ok(match staged {
+                Ok(()) => outcome(
+                    DeploymentState::HealthChecking,
+                    format!(
+                        "kernex-agent {} staged; restarting into it (it has {:?} to heartbeat)",
+                        manifest.version, manifest.timeouts.health
+                    ),
+                    &log,
+                ),
+                Err(why) => {
+                    let _ = std::fs::remove_dir_all(&target);
+                    outcome(DeploymentState::Failed, why, &log)
+                }
+            });
+        }
 
         switch_current(&name_dir, &manifest.version)?;
         journal.stage = "activated".into();

@@ -267,6 +267,15 @@ impl Worker {
             final_report.state.as_str(),
             final_report.message
         );
+        if final_report.state == DeploymentState::HealthChecking {
+            // A new agent is staged: the job is done here, its outcome is the supervisor's to
+            // report (see `selfupdate`).
+            self.finish_job(&args.deployment);
+            self.cleanup_download(&args.bundle);
+            let failed = crate::selfupdate::restart();
+            warn!("{failed}; the new agent starts at the next restart");
+            return;
+        }
         // The final report is on disk before the job is gone: it survives a crash from here on.
         self.save_report(&args.deployment, &final_report);
         self.finish_job(&args.deployment);
@@ -403,9 +412,7 @@ impl Worker {
     }
 
     fn save_report(&self, deployment: &str, report: &DeploymentReport) {
-        let path = self.dir.join("reports").join(format!("{deployment}.json"));
-        let json = serde_json::to_vec(report).unwrap_or_default();
-        if let Err(e) = write_atomic(&path, &json, 0o600) {
+        if let Err(e) = write_report(&self.dir, deployment, report) {
             warn!("deployment {deployment}: keeping its report failed: {e}");
         }
     }
@@ -450,6 +457,32 @@ impl Worker {
         let _ = std::fs::remove_file(part.with_extension("etag"));
         let _ = std::fs::remove_file(part);
     }
+}
+
+/// Keeps `report` until the agent's deployment worker has delivered it (used by the
+/// self-update supervisor, which settles an agent update while no worker runs).
+pub fn keep_report(
+    state_dir: &Path,
+    deployment: &str,
+    report: &DeploymentReport,
+) -> Result<(), crate::state::StateError> {
+    let dir = state_dir.join("deployments");
+    let reports = dir.join("reports");
+    std::fs::create_dir_all(&reports).map_err(|source| crate::state::StateError::CreateDir {
+        path: reports.clone(),
+        source,
+    })?;
+    write_report(&dir, deployment, report)
+}
+
+fn write_report(
+    dir: &Path,
+    deployment: &str,
+    report: &DeploymentReport,
+) -> Result<(), crate::state::StateError> {
+    let path = dir.join("reports").join(format!("{deployment}.json"));
+    let json = serde_json::to_vec(report).unwrap_or_default();
+    write_atomic(&path, &json, 0o600)
 }
 
 fn state(state: DeploymentState, message: &str) -> DeploymentReport {

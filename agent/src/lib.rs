@@ -12,8 +12,14 @@ pub mod extract;
 pub mod identity;
 pub mod log;
 pub mod runner;
+pub mod selfupdate;
 pub mod state;
 pub mod telemetry;
 
-/// Reported in heartbeats and `--version`.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Reported in heartbeats and `--version`; what a self-update compares against. The package
+/// version unless `KERNEX_AGENT_VERSION` is set at build time (release builds stamp their own;
+/// the self-update tests build a second agent that is really newer).
+pub const VERSION: &str = match option_env!("KERNEX_AGENT_VERSION") {
+    Some(version) => version,
+    None => env!("CARGO_PKG_VERSION"),
+};

@@ -81,6 +81,8 @@ pub fn run(options: &RunOptions) -> anyhow::Result<Exit> {
         state,
         sampler: Sampler::new(options.state_dir.clone()),
         session: None,
+        trial: crate::selfupdate::trial_version(),
+        state_dir: options.state_dir.clone(),
     };
     info!(
         "kernex-agent {} starting for tenant {} at {}",
@@ -160,6 +162,9 @@ struct Agent {
     state: AgentState,
     sampler: Sampler,
     session: Option<Session>,
+    /// This agent is a self-update on trial: its first heartbeat confirms it.
+    trial: Option<String>,
+    state_dir: PathBuf,
 }
 
 impl Agent {
@@ -298,6 +303,9 @@ impl Agent {
         self.state.last_heartbeat_at = Some(unix_now());
         self.state.last_telemetry = Some(telemetry);
         self.state.last_error = None;
+        if let Some(version) = self.trial.take() {
+            crate::selfupdate::confirm(&self.state_dir, &version);
+        }
         let ran = self.run_commands(&response.commands);
         // Results must be on disk before they are reported: a state we cannot write is fatal.
         self.save()?;

@@ -9,6 +9,7 @@ mod device_protocol;
 mod imagebuilder;
 mod rest_api;
 mod rollout_resilience;
+mod self_update;
 mod tls;
 
 use kernex_protocol::wire::{EnrollRequest, Facts};

@@ -14,14 +14,14 @@ use std::time::Duration;
 const MIB: usize = 1024 * 1024;
 
 /// A tenant with a trusted publisher key and a place to pack bundles.
-struct Publisher {
-    api: Api,
-    work: tempfile::TempDir,
-    key: PathBuf,
+pub struct Publisher {
+    pub api: Api,
+    pub work: tempfile::TempDir,
+    pub key: PathBuf,
 }
 
 impl Publisher {
-    fn new(server: &Server) -> Publisher {
+    pub fn new(server: &Server) -> Publisher {
         let api = server.tenant("acme");
         let work = tempfile::tempdir().unwrap();
         let (key, public) = keygen(work.path(), "publisher");
@@ -31,7 +31,7 @@ impl Publisher {
     }
 
     /// Packs and uploads `hello` at `version` with `size` bytes of random payload; its id.
-    fn bundle(&self, version: &str, size: usize) -> String {
+    pub fn bundle(&self, version: &str, size: usize) -> String {
         let payload: Vec<u8> = (0..size).map(|_| rand::random::<u8>()).collect();
         let file = pack_with(self.work.path(), &self.key, version, true, &payload);
         let (status, body) = upload(&self.api, &file);
@@ -39,13 +39,13 @@ impl Publisher {
         body["id"].as_str().unwrap().to_owned()
     }
 
-    fn deploy(&self, body: Value) -> String {
+    pub fn deploy(&self, body: Value) -> String {
         let (status, created) = self.api.post("/deployments", body);
         assert_eq!(status, 201, "{created}");
         created["id"].as_str().unwrap().to_owned()
     }
 
-    fn act(&self, deployment: &str, action: &str) -> Value {
+    pub fn act(&self, deployment: &str, action: &str) -> Value {
         let (status, body) = self
             .api
             .post(&format!("/deployments/{deployment}/{action}"), json!({}));
@@ -54,7 +54,7 @@ impl Publisher {
     }
 
     /// The `deploy` commands a device received for `deployment`.
-    fn deploy_commands(&self, device: &str, deployment: &str) -> usize {
+    pub fn deploy_commands(&self, device: &str, deployment: &str) -> usize {
         let (status, commands) = self.api.get(&format!("/devices/{device}/commands"));
         assert_eq!(status, 200, "{commands}");
         commands
@@ -67,7 +67,7 @@ impl Publisher {
 }
 
 /// Starts `n` agents against `urls` (round robin) and waits for them online; their device ids.
-fn fleet(server: &Server, api: &Api, urls: &[&str], n: usize) -> (Vec<Agent>, Vec<String>) {
+pub fn fleet(server: &Server, api: &Api, urls: &[&str], n: usize) -> (Vec<Agent>, Vec<String>) {
     let token = server.token("acme", &[]);
     let agents: Vec<Agent> = (0..n)
         .map(|i| Agent::start(urls[i % urls.len()], "acme", &token))
@@ -97,7 +97,7 @@ fn fleet(server: &Server, api: &Api, urls: &[&str], n: usize) -> (Vec<Agent>, Ve
     (agents, ids)
 }
 
-fn device_state(deployment: &Value, device: &str) -> String {
+pub fn device_state(deployment: &Value, device: &str) -> String {
     deployment["devices"]
         .as_array()
         .unwrap()
