@@ -75,9 +75,12 @@ standin:
     qemu/build-standin.sh "{{standin_iso}}"
     echo "$inputs" > "{{standin_iso}}.inputs"
 
-# The whole chain under QEMU: server, imagebuilder, BIOS + UEFI boots, enrollment.
-test-qemu: build agent-binary standin
-    KERNEX_STANDIN_ISO={{standin_iso}} KERNEX_AGENT_BIN={{agent_bin}} cargo test -p kernex-tests --test qemu
+# The whole chain under QEMU: server, imagebuilder, BIOS + UEFI boots, enrollment, a bundle
+# rolled out to both appliances, the agent updating itself.
+test-qemu: build agent-binary agent-next standin
+    KERNEX_STANDIN_ISO={{standin_iso}} KERNEX_AGENT_BIN={{agent_bin}} \
+      KERNEX_AGENT_NEXT_BIN={{justfile_directory()}}/target/agent-next/kernex-agent \
+      cargo test -p kernex-tests --test qemu
 
 # The stand-in's own boot checks: BIOS, UEFI, USB stick, hard disk, failing late-command (slow).
 boot-check: standin

@@ -355,8 +355,14 @@ impl Worker {
                 sealed.sha256, args.sha256
             )));
         }
-        let trusted: Vec<PublisherPublicKey> = self
-            .publisher_keys()
+        // The keys the server sent with the job are the tenant's current ones; those from the
+        // last `/auth` only stand in for a server that sent none.
+        let pems = if args.publisher_keys.is_empty() {
+            self.publisher_keys()
+        } else {
+            args.publisher_keys.clone()
+        };
+        let trusted: Vec<PublisherPublicKey> = pems
             .iter()
             .filter_map(|pem| PublisherPublicKey::from_pem(pem).ok())
             .collect();

@@ -152,6 +152,11 @@ pub struct DeployArgs {
     /// The device's class (its `class` label), matched against the manifest's `compatible`.
     #[serde(default)]
     pub device_class: Option<String>,
+    /// The tenant's trusted publisher keys (PEM) when the device was released: the bundle must be
+    /// signed by one of them. Sent with the command so a key added or revoked since the device's
+    /// last `/auth` counts at once.
+    #[serde(default)]
+    pub publisher_keys: Vec<String>,
 }
 
 /// Where a device is with one deployment, in the order a deployment goes through them.

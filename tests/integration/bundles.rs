@@ -1,102 +1,10 @@
 //! Bundles through the real server: publisher keys, streamed upload with every refusal, download
 //! with Range / ETag, retention; and deployments rolled out to real agents.
 
-use kernex_tests::{binary, into_reply, wait_for, Agent, Api, Reply, Server};
+use kernex_tests::bundle::{keygen, pack, post_raw, upload};
+use kernex_tests::{wait_for, Agent, Api, Server};
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
-
-/// A publisher key made with `kernex-server bundle keygen`: (private, public) paths.
-pub fn keygen(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-    let key = dir.join(format!("{name}.pem"));
-    let out = Command::new(binary("kernex-server"))
-        .args(["bundle", "keygen", "--out"])
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (key.clone(), key.with_extension("pub.pem"))
-}
-
-/// Writes a bundle directory and packs it with `kernex-server bundle pack`.
-pub fn pack(dir: &Path, key: &Path, version: &str, health_ok: bool) -> PathBuf {
-    pack_with(dir, key, version, health_ok, &[7u8; 300_000])
-}
-
-/// [`pack`] with the given payload (random bytes make a bundle as large as they are).
-pub fn pack_with(
-    dir: &Path,
-    key: &Path,
-    version: &str,
-    health_ok: bool,
-    payload: &[u8],
-) -> PathBuf {
-    let src = dir.join(format!("src-{version}"));
-    std::fs::create_dir_all(&src).unwrap();
-    std::fs::write(
-        src.join("manifest.toml"),
-        format!(
-            "name = \"hello\"\nversion = \"{version}\"\n[scripts]\ninstall = \"install.sh\"\nhealth = \"health.sh\"\nrollback = \"rollback.sh\"\n[timeouts]\ninstall = \"20s\"\nhealth = \"3s\"\n"
-        ),
-    )
-    .unwrap();
-    let script = |name: &str, body: &str| {
-        use std::os::unix::fs::PermissionsExt as _;
-        let path = src.join(name);
-        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    };
-    script(
-        "install.sh",
-        "echo \"installing $KERNEX_BUNDLE_NAME $KERNEX_BUNDLE_VERSION over '$KERNEX_PREVIOUS_VERSION'\"\necho \"$KERNEX_BUNDLE_VERSION\" > installed-version",
-    );
-    script(
-        "health.sh",
-        if health_ok {
-            "exit 0"
-        } else {
-            "echo unhealthy >&2; exit 1"
-        },
-    );
-    script(
-        "rollback.sh",
-        "echo rolled back > \"$KERNEX_BUNDLE_DIR/../../rollback-ran\"",
-    );
-    std::fs::write(src.join("payload.bin"), payload).unwrap();
-    let out = dir.join(format!("hello-{version}.kxb"));
-    let status = Command::new(binary("kernex-server"))
-        .args(["bundle", "pack"])
-        .arg(&src)
-        .arg("--key")
-        .arg(key)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        status.status.success(),
-        "{}",
-        String::from_utf8_lossy(&status.stderr)
-    );
-    out
-}
-
-pub fn post_raw(api: &Api, path: &str, body: &[u8]) -> Reply {
-    into_reply(
-        ureq::post(&format!("{}/api/v1{path}", api.base))
-            .set("authorization", &format!("Bearer {}", api.key))
-            .send_bytes(body),
-    )
-}
-
-pub fn upload(api: &Api, file: &Path) -> Reply {
-    post_raw(api, "/bundles", &std::fs::read(file).unwrap())
-}
 
 fn content(api: &Api, id: &str, headers: &[(&str, &str)]) -> (u16, Vec<u8>, Option<String>) {
     let mut request = ureq::get(&format!("{}/api/v1/bundles/{id}/content", api.base))

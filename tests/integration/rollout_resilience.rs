@@ -2,69 +2,14 @@
 //! (resumed, not restarted), an operator pausing and cancelling, the agent dying at each step of
 //! an installation, the server killed mid-rollout, several replicas on one PostgreSQL.
 
-use crate::bundles::{
-    active_version, deployment, keygen, pack_with, post_raw, upload, wait_deployment,
-};
+use crate::bundles::{active_version, deployment, wait_deployment};
+use kernex_tests::bundle::Publisher;
 use kernex_tests::proxy::{Download, Proxy};
 use kernex_tests::{wait_for, Agent, Api, Server};
 use serde_json::{json, Value};
-use std::path::PathBuf;
 use std::time::Duration;
 
 const MIB: usize = 1024 * 1024;
-
-/// A tenant with a trusted publisher key and a place to pack bundles.
-pub struct Publisher {
-    pub api: Api,
-    pub work: tempfile::TempDir,
-    pub key: PathBuf,
-}
-
-impl Publisher {
-    pub fn new(server: &Server) -> Publisher {
-        let api = server.tenant("acme");
-        let work = tempfile::tempdir().unwrap();
-        let (key, public) = keygen(work.path(), "publisher");
-        let (status, body) = post_raw(&api, "/publisher-keys", &std::fs::read(public).unwrap());
-        assert_eq!(status, 201, "{body}");
-        Publisher { api, work, key }
-    }
-
-    /// Packs and uploads `hello` at `version` with `size` bytes of random payload; its id.
-    pub fn bundle(&self, version: &str, size: usize) -> String {
-        let payload: Vec<u8> = (0..size).map(|_| rand::random::<u8>()).collect();
-        let file = pack_with(self.work.path(), &self.key, version, true, &payload);
-        let (status, body) = upload(&self.api, &file);
-        assert_eq!(status, 201, "{body}");
-        body["id"].as_str().unwrap().to_owned()
-    }
-
-    pub fn deploy(&self, body: Value) -> String {
-        let (status, created) = self.api.post("/deployments", body);
-        assert_eq!(status, 201, "{created}");
-        created["id"].as_str().unwrap().to_owned()
-    }
-
-    pub fn act(&self, deployment: &str, action: &str) -> Value {
-        let (status, body) = self
-            .api
-            .post(&format!("/deployments/{deployment}/{action}"), json!({}));
-        assert_eq!(status, 200, "{action}: {body}");
-        body
-    }
-
-    /// The `deploy` commands a device received for `deployment`.
-    pub fn deploy_commands(&self, device: &str, deployment: &str) -> usize {
-        let (status, commands) = self.api.get(&format!("/devices/{device}/commands"));
-        assert_eq!(status, 200, "{commands}");
-        commands
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|c| c["kind"] == "deploy" && c["args"]["deployment"] == deployment)
-            .count()
-    }
-}
 
 /// Starts `n` agents against `urls` (round robin) and waits for them online; their device ids.
 pub fn fleet(server: &Server, api: &Api, urls: &[&str], n: usize) -> (Vec<Agent>, Vec<String>) {
@@ -256,8 +201,10 @@ fn an_operator_pauses_resumes_and_cancels_a_rollout() {
 #[test]
 fn an_agent_killed_at_each_step_comes_back_on_one_whole_version() {
     let server = Server::start_with(&["--heartbeat-interval", "1s", "--rollout-interval", "200ms"]);
-    let publisher = Publisher::new(&server);
-    let (mut agents, ids) = fleet(&server, &publisher.api, &[&server.url], 1);
+    let api = server.tenant("acme");
+    let (mut agents, ids) = fleet(&server, &api, &[&server.url], 1);
+    // The publisher key comes after the agent authenticated: it travels with the deploy command.
+    let publisher = Publisher::with_api(api);
     let first = publisher.bundle("1.0.0", 64 * 1024);
     let d = publisher.deploy(json!({"bundle": first, "devices": ids}));
     wait_deployment(&publisher.api, &d, "succeeded");

@@ -3,8 +3,8 @@
 //! replacements (one that hangs, one that crashes, one that lies about its version) are replaced
 //! by the previous agent without help.
 
-use crate::bundles::upload;
-use crate::rollout_resilience::{device_state, fleet, Publisher};
+use crate::rollout_resilience::{device_state, fleet};
+use kernex_tests::bundle::Publisher;
 use kernex_tests::{binary, wait_for, Server};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -18,53 +18,6 @@ fn version_of(binary: &Path) -> String {
         .strip_prefix("kernex-agent ")
         .unwrap_or_else(|| panic!("{} --version said {text:?}", binary.display()))
         .to_owned()
-}
-
-/// An agent bundle: `binary` as the new agent, `health` as the time it has to heartbeat.
-fn agent_bundle(publisher: &Publisher, version: &str, binary: &Path, health: &str) -> String {
-    let src = publisher.work.path().join(format!("agent-{version}"));
-    std::fs::create_dir_all(&src).unwrap();
-    std::fs::write(
-        src.join("manifest.toml"),
-        format!(
-            "name = \"kernex-agent\"\nversion = \"{version}\"\nagent_binary = \"kernex-agent\"\n[scripts]\ninstall = \"install.sh\"\n[timeouts]\nhealth = \"{health}\"\n"
-        ),
-    )
-    .unwrap();
-    let executable = |path: PathBuf| {
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    };
-    std::fs::write(
-        src.join("install.sh"),
-        "#!/bin/sh\necho installing the agent\n",
-    )
-    .unwrap();
-    executable(src.join("install.sh"));
-    std::fs::copy(binary, src.join("kernex-agent")).unwrap();
-    executable(src.join("kernex-agent"));
-    let out = publisher.work.path().join(format!("agent-{version}.kxb"));
-    let packed = Command::new(binary_of_server())
-        .args(["bundle", "pack"])
-        .arg(&src)
-        .arg("--key")
-        .arg(&publisher.key)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        packed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&packed.stderr)
-    );
-    let (status, body) = upload(&publisher.api, &out);
-    assert_eq!(status, 201, "{body}");
-    body["id"].as_str().unwrap().to_owned()
-}
-
-fn binary_of_server() -> PathBuf {
-    binary("kernex-server")
 }
 
 /// A stand-in "agent" that answers `--version` like one and then misbehaves.
@@ -126,7 +79,7 @@ fn the_agent_updates_itself_and_broken_updates_roll_themselves_back() {
     assert_eq!(device(&publisher, id)["agent_version"], current.as_str());
 
     // A real newer agent: staged, started by the old one, heartbeats, becomes the active agent.
-    let bundle = agent_bundle(&publisher, &newer, &next, "60s");
+    let bundle = publisher.agent_bundle(&newer, &next, "60s");
     let (state, message) = deploy_and_settle(&publisher, &bundle, id);
     assert_eq!(state, "succeeded", "{message}");
     assert!(message.contains("heartbeats and is active"), "{message}");
@@ -149,12 +102,7 @@ fn the_agent_updates_itself_and_broken_updates_roll_themselves_back() {
         ("0.99.2-crashes", "exit 3", "before its first heartbeat"),
     ];
     for (version, behaviour, why) in broken {
-        let bundle = agent_bundle(
-            &publisher,
-            version,
-            &impostor(&work, version, behaviour),
-            "5s",
-        );
+        let bundle = publisher.agent_bundle(version, &impostor(&work, version, behaviour), "5s");
         let (state, message) = deploy_and_settle(&publisher, &bundle, id);
         assert_eq!(state, "rolled-back", "{version}: {message}");
         assert!(message.contains(why), "{version}: {message}");
@@ -187,12 +135,7 @@ fn the_agent_updates_itself_and_broken_updates_roll_themselves_back() {
     }
 
     // A binary that is not what its manifest says never runs as the agent.
-    let bundle = agent_bundle(
-        &publisher,
-        "0.99.3",
-        &impostor(&work, "6.6.6", "exit 0"),
-        "5s",
-    );
+    let bundle = publisher.agent_bundle("0.99.3", &impostor(&work, "6.6.6", "exit 0"), "5s");
     let (state, message) = deploy_and_settle(&publisher, &bundle, id);
     assert_eq!(state, "failed", "{message}");
     assert!(

@@ -9,6 +9,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+pub mod bundle;
 pub mod proxy;
 
 use serde_json::Value;

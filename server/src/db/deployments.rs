@@ -567,6 +567,9 @@ pub async fn step(db: &Db, id: &str) -> Result<bool, sqlx::Error> {
             let bundle: (String, String, String, i64) = sqlx::query_as(
                 "SELECT name, version, sha256, size FROM bundles WHERE id = $1")
                 .bind(&deployment.bundle_id).fetch_one(&mut *tx).await?;
+            let publisher_keys: Vec<String> = sqlx::query_scalar(
+                "SELECT public_key FROM publisher_keys WHERE tenant_id = $1 AND revoked_at IS NULL ORDER BY created_at")
+                .bind(&deployment.tenant_id).fetch_all(&mut *tx).await?;
             let release: Vec<(String, String, String)> = sqlx::query_as(
                 "SELECT dd.device_id, dd.history, dv.labels FROM deployment_devices dd JOIN devices dv ON dv.id = dd.device_id
                  WHERE dd.deployment_id = $1 AND dd.state = 'pending' AND dd.phase <= $2 ORDER BY dd.position LIMIT $3")
@@ -583,6 +586,7 @@ pub async fn step(db: &Db, id: &str) -> Result<bool, sqlx::Error> {
                     url: format!("{}/bundles/{}/content", kernex_protocol::API_PREFIX, deployment.bundle_id),
                     allow_downgrade: deployment.allow_downgrade != 0,
                     device_class: labels.get("class").cloned(),
+                    publisher_keys: publisher_keys.clone(),
                 });
                 let args = match serde_json::to_value(&spec) {
                     Ok(serde_json::Value::Object(mut o)) => o.remove("args").unwrap_or_default(),
