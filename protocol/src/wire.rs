@@ -129,7 +129,7 @@ pub enum CommandSpec {
     Deregister,
     /// Install a bundle as part of a deployment. Sent by the rollout engine only, never queued by
     /// hand ([`CommandSpec::is_internal`]).
-    Deploy(DeployArgs),
+    Deploy(Box<DeployArgs>),
 }
 
 /// What a device needs to fetch, verify and install a bundle.

@@ -576,7 +576,7 @@ pub async fn step(db: &Db, id: &str) -> Result<bool, sqlx::Error> {
                 .bind(id).bind(phase).bind(slots).fetch_all(&mut *tx).await?;
             for (device, history, labels) in release {
                 let labels: BTreeMap<String, String> = serde_json::from_str(&labels).unwrap_or_default();
-                let spec = CommandSpec::Deploy(DeployArgs {
+                let spec = CommandSpec::Deploy(Box::new(DeployArgs {
                     deployment: id.to_owned(),
                     bundle: deployment.bundle_id.clone(),
                     name: bundle.0.clone(),
@@ -587,7 +587,7 @@ pub async fn step(db: &Db, id: &str) -> Result<bool, sqlx::Error> {
                     allow_downgrade: deployment.allow_downgrade != 0,
                     device_class: labels.get("class").cloned(),
                     publisher_keys: publisher_keys.clone(),
-                });
+                }));
                 let args = match serde_json::to_value(&spec) {
                     Ok(serde_json::Value::Object(mut o)) => o.remove("args").unwrap_or_default(),
                     _ => serde_json::Value::Null,
