@@ -48,6 +48,21 @@ pub struct Job {
     pub device_class: Option<String>,
 }
 
+/// The active version of every bundle under `root` (a deployer's root), by name.
+pub fn active_versions(root: &Path) -> std::collections::BTreeMap<String, String> {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Default::default();
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|entry| {
+            let target = std::fs::read_link(entry.path().join("current")).ok()?;
+            let version = target.file_name()?.to_string_lossy().into_owned();
+            Some((entry.file_name().to_string_lossy().into_owned(), version))
+        })
+        .collect()
+}
+
 /// A report with its state, message and output tail (the device reports these as they are).
 fn outcome(state: DeploymentState, message: impl Into<String>, log_tail: &str) -> DeploymentReport {
     DeploymentReport {

@@ -79,7 +79,8 @@ pub fn run(options: &RunOptions) -> anyhow::Result<Exit> {
         hardware_id,
         dir,
         state,
-        sampler: Sampler::new(options.state_dir.clone()),
+        sampler: Sampler::new(options.state_dir.clone())
+            .with_bundles(options.state_dir.join("bundles")),
         session: None,
         trial: crate::selfupdate::trial_version(),
         state_dir: options.state_dir.clone(),

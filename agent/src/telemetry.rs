@@ -7,6 +7,8 @@ use std::path::PathBuf;
 #[derive(Debug)]
 pub struct Sampler {
     disk_path: PathBuf,
+    /// Where the deployer keeps bundles (`<name>/current`), for the active versions.
+    bundles_root: Option<PathBuf>,
     previous_cpu: Option<CpuTimes>,
 }
 
@@ -21,10 +23,19 @@ impl Sampler {
     pub fn new(disk_path: PathBuf) -> Sampler {
         let mut sampler = Sampler {
             disk_path,
+            bundles_root: None,
             previous_cpu: None,
         };
         sampler.previous_cpu = read("/proc/stat").and_then(|s| parse_cpu(&s));
         sampler
+    }
+
+    /// Also reports the active version of every bundle under `root`.
+    pub fn with_bundles(self, root: PathBuf) -> Sampler {
+        Sampler {
+            bundles_root: Some(root),
+            ..self
+        }
     }
 
     /// Missing sources give zeros rather than failing the heartbeat.
@@ -51,6 +62,9 @@ impl Sampler {
         if let Ok(fs) = rustix::fs::statvfs(&self.disk_path) {
             t.disk_total_bytes = fs.f_blocks * fs.f_frsize;
             t.disk_free_bytes = fs.f_bavail * fs.f_frsize;
+        }
+        if let Some(root) = &self.bundles_root {
+            t.bundles = crate::deploy::active_versions(root);
         }
         t
     }

@@ -95,6 +95,9 @@ pub struct Telemetry {
     pub load5: f64,
     pub load15: f64,
     pub uptime_s: u64,
+    /// The active version of each installed bundle, by bundle name.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub bundles: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -223,6 +223,17 @@ fn rollouts_advance_in_phases_halt_on_failure_and_roll_back() {
     for agent in &agents {
         assert_eq!(active_version(agent).as_deref(), Some("1.0.0"));
     }
+    // Heartbeats say which version each appliance runs.
+    wait_for(
+        "heartbeats with the active bundle",
+        Duration::from_secs(30),
+        || {
+            api.devices()
+                .iter()
+                .all(|d| d["telemetry"]["bundles"] == json!({"hello": "1.0.0"}))
+                .then_some(())
+        },
+    );
 
     // 1.1.0 fails its health check on the canary: rolled back there, the rollout halts, the
     // others never start.
