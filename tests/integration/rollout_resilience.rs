@@ -75,7 +75,7 @@ fn range_start(seen: &kernex_tests::proxy::Seen) -> Option<u64> {
 }
 
 #[test]
-fn downloads_resume_after_a_cut_connection_and_after_an_agent_restart() {
+fn downloads_resume_after_a_cut_connection_and_an_agent_restart_and_refuse_a_flipped_bit() {
     let server = Server::start_with(&["--heartbeat-interval", "1s", "--rollout-interval", "200ms"]);
     let publisher = Publisher::new(&server);
     let proxy = Proxy::start(&server.url);
@@ -120,6 +120,20 @@ fn downloads_resume_after_a_cut_connection_and_after_an_agent_restart() {
     assert!(resumed_at > MIB as u64 / 2, "resumed at {resumed_at}");
     assert_eq!(active_version(&agents[0]).as_deref(), Some("1.1.0"));
     assert_eq!(publisher.deploy_commands(&ids[0], &d2), 1, "{done:#}");
+
+    // One bit flipped on the wire: the agent's SHA-256 check refuses the bundle, nothing installs.
+    let bundle = publisher.bundle("1.2.0", size);
+    proxy.set(Download::FlipByteAt(2 * MIB as u64));
+    let d3 = publisher.deploy(json!({"bundle": bundle, "devices": ids}));
+    let halted = wait_deployment(&publisher.api, &d3, "halted");
+    let message = halted["devices"][0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("SHA-256") && message.contains("expects"),
+        "{halted:#}"
+    );
+    assert_eq!(active_version(&agents[0]).as_deref(), Some("1.1.0"));
+    let downloads = agents[0].state_dir().join("deployments/downloads");
+    assert_eq!(std::fs::read_dir(downloads).unwrap().count(), 0);
 }
 
 #[test]

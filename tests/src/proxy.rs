@@ -21,6 +21,8 @@ pub enum Download {
     CutAfter(u64),
     /// Forwarding stops after this many response bytes until [`Proxy::release`].
     HoldAfter(u64),
+    /// The response byte at this offset (headers included) is flipped, once; then `Pass`.
+    FlipByteAt(u64),
 }
 
 /// One request seen by the proxy.
@@ -237,6 +239,17 @@ fn responses(mut from: TcpStream, mut to: TcpStream, shared: &Shared, flow: &Flo
                     while !shared.released.load(Ordering::SeqCst) {
                         std::thread::sleep(Duration::from_millis(20));
                     }
+                }
+                Download::FlipByteAt(at) if sent + chunk.len() as u64 > at => {
+                    let mut flipped = chunk.to_vec();
+                    flipped[(at - sent) as usize] ^= 0x01;
+                    *shared.rule.lock().unwrap() = Download::Pass;
+                    flow.sent.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+                    *shared.downloaded.lock().unwrap() += chunk.len() as u64;
+                    if to.write_all(&flipped).is_err() {
+                        break;
+                    }
+                    continue;
                 }
                 _ => {}
             }
