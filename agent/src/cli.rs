@@ -10,7 +10,7 @@ use std::time::Duration;
 #[command(
     name = "kernex-agent",
     version = crate::VERSION,
-    about = "Kernex appliance agent: enrollment, heartbeats, commands."
+    about = "Kernex appliance agent: enrollment, heartbeats, commands, bundles, user-VM links."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -34,6 +34,23 @@ pub enum Command {
         #[arg(long, default_value = "5m", value_parser = humantime_like)]
         max_backoff: Duration,
     },
+    /// Inside a user VM: answer the appliance's agent (health, info, allowed actions).
+    VmEndpoint {
+        /// `tcp://HOST:PORT` (port 0: any free port, printed at start) or `vsock://CID:PORT`.
+        #[arg(long)]
+        listen: crate::vm_endpoint::Address,
+        /// File holding the secret shared with the appliance (the VM's `secret` in its
+        /// bootstrap file); at least 16 bytes.
+        #[arg(long)]
+        secret_file: PathBuf,
+        /// An action the appliance may run, `NAME=SHELL COMMAND` (arguments arrive as $1, $2…);
+        /// repeatable. `hostname` is built in.
+        #[arg(long = "action", value_parser = parse_action)]
+        actions: Vec<(String, String)>,
+        /// Links served at once.
+        #[arg(long, default_value_t = 8)]
+        max_connections: usize,
+    },
     /// Print the enrolled identity, last heartbeat and last error.
     Status {
         #[arg(long, default_value = "/var/lib/kernex")]
@@ -42,6 +59,22 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+fn parse_action(s: &str) -> Result<(String, String), String> {
+    let (name, command) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}`: expected NAME=COMMAND"))?;
+    let valid = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if !valid || command.trim().is_empty() {
+        return Err(format!(
+            "`{s}`: the name is letters, digits, `-`, `_`, `.`; the command is not empty"
+        ));
+    }
+    Ok((name.to_owned(), command.to_owned()))
 }
 
 /// `500ms`, `30s`, `5m`, `1h`.
@@ -83,6 +116,21 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 Exit::Deregistered => Ok(0),
             }
         }
+        Command::VmEndpoint {
+            listen,
+            secret_file,
+            actions,
+            max_connections,
+        } => {
+            let options = crate::vm_endpoint::EndpointOptions {
+                listen,
+                secret: crate::vm_endpoint::read_secret(&secret_file)?,
+                actions: actions.into_iter().collect(),
+                max_connections,
+            };
+            crate::vm_endpoint::serve(options)?;
+            Ok(0)
+        }
         Command::Status { state_dir, json } => status(&state_dir, json),
     }
 }
@@ -96,6 +144,12 @@ fn status(state_dir: &std::path::Path, json: bool) -> anyhow::Result<u8> {
         .map(|k| k.public().fingerprint());
     if json {
         let mut value = serde_json::to_value(&state)?;
+        // Link secrets stay in the state file.
+        if let Some(vms) = value["vms"].as_array_mut() {
+            for vm in vms {
+                vm["secret"] = serde_json::json!("(hidden)");
+            }
+        }
         value["key_fingerprint"] = serde_json::json!(key);
         value["state_file"] = serde_json::json!(dir.state_file());
         println!("{}", serde_json::to_string_pretty(&value)?);

@@ -11,10 +11,13 @@ pub mod deployments;
 pub mod extract;
 pub mod identity;
 pub mod log;
+pub mod process;
 pub mod runner;
 pub mod selfupdate;
 pub mod state;
 pub mod telemetry;
+pub mod vm_endpoint;
+pub mod vm_links;
 
 /// Reported in heartbeats and `--version`; what a self-update compares against. The package
 /// version unless `KERNEX_AGENT_VERSION` is set at build time (release builds stamp their own;

@@ -6,12 +6,13 @@ use crate::client::{unix_now, Client, ClientError};
 use crate::deployments::Deployments;
 use crate::state::{AgentState, StateDir};
 use crate::telemetry::Sampler;
+use crate::vm_links::VmLinks;
 use crate::{error, identity, info, warn};
 use anyhow::Context as _;
 use kernex_protocol::wire::{
     codes, AuthRequest, AuthResponse, CommandAck, CommandOutcome, CommandSpec, DeviceCommand,
     EnrollRequest, EnrollResponse, HeartbeatRequest, HeartbeatResponse, SetIntervalArgs,
-    MAX_COMMAND_OUTPUT,
+    VmCallArgs, MAX_COMMAND_OUTPUT,
 };
 use kernex_protocol::{BootstrapConfig, DeviceKey};
 use rand::RngCore as _;
@@ -69,6 +70,9 @@ pub fn run(options: &RunOptions) -> anyhow::Result<Exit> {
     };
     let deployments =
         Deployments::start(&options.state_dir, &bootstrap, state.publisher_keys.clone())?;
+    let vm_links = VmLinks::default();
+    vm_links.configure(state.vms.as_deref().unwrap_or(&bootstrap.vm));
+    let (call_done, call_results) = std::sync::mpsc::channel();
     let mut agent = Agent {
         deployments,
         client: Client::new(&bootstrap)
@@ -84,6 +88,10 @@ pub fn run(options: &RunOptions) -> anyhow::Result<Exit> {
         session: None,
         trial: crate::selfupdate::trial_version(),
         state_dir: options.state_dir.clone(),
+        vm_links,
+        calls_in_flight: std::collections::HashSet::new(),
+        call_done,
+        call_results,
     };
     info!(
         "kernex-agent {} starting for tenant {} at {}",
@@ -96,7 +104,7 @@ pub fn run(options: &RunOptions) -> anyhow::Result<Exit> {
         match agent.step() {
             Ok(next) => {
                 backoff.reset();
-                std::thread::sleep(next);
+                agent.wait_for_results(next)?;
             }
             Err(Failure::Deregistered) => {
                 agent.forget_identity()?;
@@ -166,9 +174,27 @@ struct Agent {
     /// This agent is a self-update on trial: its first heartbeat confirms it.
     trial: Option<String>,
     state_dir: PathBuf,
+    vm_links: VmLinks,
+    /// `vm.call`s being relayed by their own threads; results come back on `call_results`.
+    calls_in_flight: std::collections::HashSet<String>,
+    call_done: std::sync::mpsc::Sender<CommandAck>,
+    call_results: std::sync::mpsc::Receiver<CommandAck>,
 }
 
 impl Agent {
+    /// Sleeps until the next round, or until a relayed `vm.call` finished (its result then goes
+    /// out with a heartbeat at once).
+    fn wait_for_results(&mut self, pause: Duration) -> Result<(), crate::state::StateError> {
+        let Ok(first) = self.call_results.recv_timeout(pause) else {
+            return Ok(());
+        };
+        for ack in std::iter::once(first).chain(self.call_results.try_iter()) {
+            self.calls_in_flight.remove(&ack.id);
+            self.state.pending_acks.push(ack);
+        }
+        self.save()
+    }
+
     /// One round: make sure we are enrolled and authenticated, heartbeat, run commands. Returns how
     /// long to wait before the next round.
     fn step(&mut self) -> Result<Duration, Failure> {
@@ -288,6 +314,7 @@ impl Agent {
             interval_s: self.state.interval_override_s,
             telemetry: telemetry.clone(),
             acks: self.state.pending_acks.clone(),
+            vms: self.vm_links.statuses(),
         };
         let response: HeartbeatResponse =
             match self.client.post_bearer("/heartbeat", &request, token) {
@@ -323,8 +350,13 @@ impl Agent {
     fn run_commands(&mut self, commands: &[DeviceCommand]) -> usize {
         let mut ran = 0;
         for command in commands {
-            if self.state.is_done(&command.id) {
+            if self.state.is_done(&command.id) || self.calls_in_flight.contains(&command.id) {
                 continue; // re-delivery of something already run: its ack is on its way
+            }
+            if let Ok(CommandSpec::VmCall(args)) = CommandSpec::parse(&command.kind, &command.args)
+            {
+                self.relay_vm_call(&command.id, args);
+                continue;
             }
             let (outcome, output) = match CommandSpec::parse(&command.kind, &command.args) {
                 Ok(spec) => self.execute(&spec),
@@ -363,6 +395,59 @@ impl Agent {
                 Ok(message) => (CommandOutcome::Succeeded, message),
                 Err(message) => (CommandOutcome::Failed, message),
             },
+            CommandSpec::VmConfigure(args) => {
+                self.state.vms = Some(args.vms.clone());
+                self.vm_links.configure(&args.vms);
+                let names: Vec<&str> = args.vms.iter().map(|vm| vm.name.as_str()).collect();
+                (
+                    CommandOutcome::Succeeded,
+                    format!("user VMs now: {}", names.join(", ")),
+                )
+            }
+            // Relayed by `relay_vm_call` before it gets here.
+            CommandSpec::VmCall(_) => (CommandOutcome::Failed, "vm.call not relayed".into()),
+        }
+    }
+
+    /// Relays a `vm.call` on a thread of its own (a slow VM must not hold up heartbeats); the
+    /// result, or the error with its `vm_*` code, is the command's output as JSON.
+    fn relay_vm_call(&mut self, id: &str, args: VmCallArgs) {
+        self.calls_in_flight.insert(id.to_owned());
+        let (links, done, id) = (self.vm_links.clone(), self.call_done.clone(), id.to_owned());
+        // Room for the JSON around the output inside the ack.
+        let max_output = (MAX_COMMAND_OUTPUT - 512) as u64;
+        let spawned = std::thread::Builder::new()
+            .name("vm-call".into())
+            .spawn(move || {
+                let params = kernex_protocol::vmlink::CallParams {
+                    action: args.action.clone(),
+                    args: args.args.clone(),
+                    timeout_ms: u64::from(args.timeout_s) * 1000,
+                    max_output_bytes: max_output,
+                };
+                let (outcome, output) = match links.call(&args.vm, params) {
+                    Ok(result) => (
+                        CommandOutcome::Succeeded,
+                        serde_json::json!({"vm": args.vm, "action": args.action, "result": result}),
+                    ),
+                    Err(fault) => (
+                        CommandOutcome::Failed,
+                        serde_json::json!({"vm": args.vm, "action": args.action, "error": fault}),
+                    ),
+                };
+                info!(
+                    "command {id} (vm.call {} {}): {outcome:?}",
+                    args.vm, args.action
+                );
+                let output = output.to_string();
+                let _ = done.send(CommandAck {
+                    id,
+                    outcome,
+                    output: kernex_protocol::truncate_utf8(&output, MAX_COMMAND_OUTPUT).to_owned(),
+                });
+            });
+        if let Err(e) = spawned {
+            warn!("relaying a vm.call: {e}");
         }
     }
 

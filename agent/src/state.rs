@@ -50,6 +50,10 @@ pub struct AgentState {
     /// PEM keys of the publishers whose bundles this device installs (from the server).
     #[serde(default)]
     pub publisher_keys: Vec<String>,
+    /// The user VMs as last set by a `vm.configure` command; the bootstrap file's `[[vm]]` until
+    /// then. Holds the links' secrets: the state file is 0600 and `status` leaves them out.
+    #[serde(default)]
+    pub vms: Option<Vec<kernex_protocol::VmConfig>>,
 }
 
 impl AgentState {

@@ -27,7 +27,7 @@ pub struct BootstrapConfig {
 }
 
 /// One `[[vm]]` entry.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, serde::Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
     pub name: String,
@@ -124,29 +124,36 @@ impl BootstrapConfig {
                 "a CA is configured but the URL is plain http://".into(),
             );
         }
-        let mut seen = std::collections::HashSet::new();
-        for (i, vm) in self.vm.iter().enumerate() {
-            if let Err(problem) = check_name(&vm.name) {
-                return bad(&format!("vm[{i}].name"), problem);
-            }
-            if !seen.insert(vm.name.as_str()) {
-                return bad(
-                    &format!("vm[{i}].name"),
-                    format!("duplicate VM name `{}`", vm.name),
-                );
-            }
-            if let Err(problem) = check_vm_address(&vm.address) {
-                return bad(&format!("vm[{i}].address"), problem);
-            }
-            if vm.secret.len() < 16 {
-                return bad(
-                    &format!("vm[{i}].secret"),
-                    "must be at least 16 characters".into(),
-                );
-            }
-        }
-        Ok(())
+        validate_vms(&self.vm)
     }
+}
+
+/// Checks a list of VMs (from the bootstrap file or a `vm.configure` command): names, no
+/// duplicates, addresses, secrets. The error names the entry's key (`vm[1].address`).
+pub fn validate_vms(vms: &[VmConfig]) -> Result<(), (String, String)> {
+    let bad = |key: String, problem: String| Err((key, problem));
+    let mut seen = std::collections::HashSet::new();
+    for (i, vm) in vms.iter().enumerate() {
+        if let Err(problem) = check_name(&vm.name) {
+            return bad(format!("vm[{i}].name"), problem);
+        }
+        if !seen.insert(vm.name.as_str()) {
+            return bad(
+                format!("vm[{i}].name"),
+                format!("duplicate VM name `{}`", vm.name),
+            );
+        }
+        if let Err(problem) = check_vm_address(&vm.address) {
+            return bad(format!("vm[{i}].address"), problem);
+        }
+        if vm.secret.len() < 16 {
+            return bad(
+                format!("vm[{i}].secret"),
+                "must be at least 16 characters".into(),
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Tenant and VM names: lowercase letters, digits and `-`, 1 to 63 characters, starting with a letter

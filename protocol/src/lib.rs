@@ -9,6 +9,7 @@ pub mod bootstrap;
 pub mod bundle;
 pub mod signing;
 pub mod token;
+pub mod vmlink;
 pub mod wire;
 
 pub use bootstrap::{BootstrapConfig, BootstrapError, VmConfig};

@@ -78,6 +78,9 @@ pub struct HeartbeatRequest {
     /// the command.
     #[serde(default)]
     pub acks: Vec<CommandAck>,
+    /// The links to the appliance's user VMs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vms: Vec<crate::vmlink::VmStatus>,
 }
 
 /// Point-in-time health of the appliance, read from `/proc` and `statvfs`.
@@ -133,6 +136,39 @@ pub enum CommandSpec {
     /// Install a bundle as part of a deployment. Sent by the rollout engine only, never queued by
     /// hand ([`CommandSpec::is_internal`]).
     Deploy(Box<DeployArgs>),
+    /// Relays an action to a user VM's `vm-endpoint`; the result (or a `vm_*` error) is the
+    /// command's output, as JSON.
+    #[serde(rename = "vm.call")]
+    VmCall(VmCallArgs),
+    /// Replaces the appliance's list of user VMs (as in the bootstrap file's `[[vm]]`); applied
+    /// without a restart and kept across restarts.
+    #[serde(rename = "vm.configure")]
+    VmConfigure(VmConfigureArgs),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VmCallArgs {
+    pub vm: String,
+    pub action: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// How long the action may run in the VM.
+    #[serde(default = "default_vm_call_timeout")]
+    pub timeout_s: u32,
+}
+
+fn default_vm_call_timeout() -> u32 {
+    30
+}
+
+/// Longest `vm.call` timeout.
+pub const MAX_VM_CALL_TIMEOUT_S: u32 = 600;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfigureArgs {
+    pub vms: Vec<crate::VmConfig>,
 }
 
 /// What a device needs to fetch, verify and install a bundle.
@@ -283,12 +319,31 @@ impl CommandSpec {
         }
         let spec: CommandSpec = serde_json::from_value(serde_json::Value::Object(object))
             .map_err(|e| format!("command `{kind}`: {e}"))?;
-        if let CommandSpec::SetInterval(SetIntervalArgs { seconds }) = spec {
-            if !(MIN_INTERVAL_S..=MAX_INTERVAL_S).contains(&seconds) {
+        match &spec {
+            CommandSpec::SetInterval(SetIntervalArgs { seconds })
+                if !(MIN_INTERVAL_S..=MAX_INTERVAL_S).contains(seconds) =>
+            {
                 return Err(format!(
                     "command `set-interval`: seconds must be between {MIN_INTERVAL_S} and {MAX_INTERVAL_S}, got {seconds}"
                 ));
             }
+            CommandSpec::VmCall(args)
+                if args.timeout_s == 0 || args.timeout_s > MAX_VM_CALL_TIMEOUT_S =>
+            {
+                return Err(format!(
+                    "command `vm.call`: timeout_s must be between 1 and {MAX_VM_CALL_TIMEOUT_S}, got {}",
+                    args.timeout_s
+                ));
+            }
+            CommandSpec::VmCall(args) if args.action.is_empty() || args.vm.is_empty() => {
+                return Err("command `vm.call`: `vm` and `action` are required".into());
+            }
+            CommandSpec::VmConfigure(args) => {
+                if let Err((key, problem)) = crate::bootstrap::validate_vms(&args.vms) {
+                    return Err(format!("command `vm.configure`: `{key}`: {problem}"));
+                }
+            }
+            _ => {}
         }
         Ok(spec)
     }
@@ -299,6 +354,8 @@ impl CommandSpec {
             CommandSpec::SetInterval(_) => "set-interval",
             CommandSpec::Deregister => "deregister",
             CommandSpec::Deploy(_) => "deploy",
+            CommandSpec::VmCall(_) => "vm.call",
+            CommandSpec::VmConfigure(_) => "vm.configure",
         }
     }
 

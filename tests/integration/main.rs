@@ -11,6 +11,7 @@ mod rest_api;
 mod rollout_resilience;
 mod self_update;
 mod tls;
+mod vm_link;
 
 use kernex_protocol::wire::{EnrollRequest, Facts};
 use kernex_protocol::DeviceKey;

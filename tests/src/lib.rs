@@ -436,3 +436,72 @@ impl Drop for Agent {
         self.kill();
     }
 }
+
+/// A `kernex-agent vm-endpoint` process (the agent inside a user VM) on a loopback port.
+#[derive(Debug)]
+pub struct VmEndpoint {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl VmEndpoint {
+    /// Starts an endpoint with `secret` and extra arguments (`--action NAME=CMD`…) on a free port.
+    pub fn start(secret: &str, extra: &[&str]) -> VmEndpoint {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("secret"), secret).unwrap();
+        let mut endpoint = VmEndpoint {
+            dir,
+            port: 0,
+            args: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        endpoint.spawn();
+        endpoint
+    }
+
+    /// `tcp://127.0.0.1:PORT`.
+    pub fn address(&self) -> String {
+        format!("tcp://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts it (again, on the same port once it had one).
+    pub fn spawn(&mut self) {
+        let mut child = Command::new(binary("kernex-agent"))
+            .args(["vm-endpoint", "--listen"])
+            .arg(format!("tcp://127.0.0.1:{}", self.port))
+            .arg("--secret-file")
+            .arg(self.dir.path().join("secret"))
+            .args(&self.args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line
+            .trim()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("vm-endpoint did not announce its address: {line:?}"));
+        self.port = port;
+        self.child = Some(child);
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for VmEndpoint {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -288,6 +288,16 @@ impl axum::extract::FromRequestParts<AppState> for DeviceAuth {
     }
 }
 
+/// What is stored of a heartbeat's telemetry: the samples and, beside them, the user-VM links
+/// (shown as the device's `vms`).
+#[derive(serde::Serialize)]
+struct StoredTelemetry<'a> {
+    #[serde(flatten)]
+    telemetry: &'a kernex_protocol::wire::Telemetry,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    vms: &'a [kernex_protocol::vmlink::VmStatus],
+}
+
 /// `POST /api/v1/heartbeat`: store telemetry and acks, answer with the interval and open commands.
 pub async fn heartbeat(
     State(state): State<AppState>,
@@ -316,7 +326,11 @@ pub async fn heartbeat(
         device_id: claims.device_id,
         agent_version: request.agent_version.chars().take(64).collect(),
         interval_s,
-        telemetry_json: serde_json::to_string(&request.telemetry).map_err(anyhow::Error::from)?,
+        telemetry_json: serde_json::to_string(&StoredTelemetry {
+            telemetry: &request.telemetry,
+            vms: &request.vms,
+        })
+        .map_err(anyhow::Error::from)?,
         acks: request.acks,
     };
     match state.heartbeats.submit(beat).await? {

@@ -54,6 +54,9 @@ pub struct DeviceView {
     pub enrolled_at: String,
     pub deregistered_at: Option<String>,
     pub labels: std::collections::BTreeMap<String, String>,
+    /// The appliance's user VMs as its agent last reported them: `name`, `address`, `connected`,
+    /// `state`, `last_seen`, `rtt_ms`, `info`, `error`.
+    pub vms: serde_json::Value,
 }
 
 impl Device {
@@ -77,13 +80,21 @@ impl Device {
 
     pub fn view(&self, now: i64, offline_after: u32) -> DeviceView {
         let json = |s: &str| serde_json::from_str(s).unwrap_or(serde_json::Value::Null);
+        // The user-VM links arrive with the telemetry and are stored with it; shown on their own.
+        let mut telemetry = self.telemetry.as_deref().map(json);
+        let vms = telemetry
+            .as_mut()
+            .and_then(|t| t.as_object_mut())
+            .and_then(|t| t.remove("vms"))
+            .unwrap_or_else(|| serde_json::json!([]));
         DeviceView {
+            vms,
             id: self.id.clone(),
             hardware_id: self.hardware_id.clone(),
             status: self.status(now, offline_after),
             last_heartbeat: self.last_heartbeat.map(rfc3339),
             agent_version: self.agent_version.clone(),
-            telemetry: self.telemetry.as_deref().map(json),
+            telemetry,
             interval_s: self.interval_s,
             facts: json(&self.facts),
             key_fingerprint: self.key_fingerprint.clone(),
