@@ -75,11 +75,17 @@ standin:
     qemu/build-standin.sh "{{standin_iso}}"
     echo "$inputs" > "{{standin_iso}}.inputs"
 
-# The whole chain under QEMU: server, imagebuilder, BIOS + UEFI boots, enrollment, a bundle
-# rolled out to both appliances, the agent updating itself.
-test-qemu: build agent-binary agent-next standin
+# The user-VM stand-in for the QEMU chain: the stand-in's kernel and modules, qemu/uservm/init and
+# the static agent running `vm-endpoint`.
+uservm: standin agent-binary
+    qemu/build-uservm.sh {{standin_iso}} {{agent_bin}} target/qemu/uservm
+
+# The whole chain under QEMU: server, imagebuilder, BIOS + UEFI boots, enrollment, the BIOS
+# appliance linked to a user VM, a bundle rolled out to both appliances, the agent updating itself.
+test-qemu: build agent-binary agent-next standin uservm
     KERNEX_STANDIN_ISO={{standin_iso}} KERNEX_AGENT_BIN={{agent_bin}} \
       KERNEX_AGENT_NEXT_BIN={{justfile_directory()}}/target/agent-next/kernex-agent \
+      KERNEX_USERVM_DIR={{justfile_directory()}}/target/qemu/uservm \
       cargo test -p kernex-tests --test qemu
 
 # The stand-in's own boot checks: BIOS, UEFI, USB stick, hard disk, failing late-command (slow).
