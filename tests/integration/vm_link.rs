@@ -145,6 +145,25 @@ fn the_appliance_links_its_vms_relays_calls_and_says_what_went_wrong() {
     }
     // The slow action did not hold up the link: vm1 still answers.
     assert_eq!(call(&api, &device, "vm1", "hostname", 10).0, "succeeded");
+    // A slow VM holds up nobody else: while vm1 runs a 4 s action, vm2 answers and the appliance
+    // keeps heartbeating.
+    let (status, slow) = api.post(
+        &format!("/devices/{device}/commands"),
+        json!({"kind": "vm.call", "args": {"vm": "vm1", "action": "slow", "timeout_s": 4}}),
+    );
+    assert_eq!(status, 201, "{slow}");
+    let started = std::time::Instant::now();
+    let (state, _) = call(&api, &device, "vm2", "hostname", 10);
+    assert_eq!(state, "succeeded");
+    let (_, slow) = api.get(&format!(
+        "/devices/{device}/commands/{}",
+        slow["id"].as_str().unwrap()
+    ));
+    assert!(
+        !["succeeded", "failed"].contains(&slow["state"].as_str().unwrap()),
+        "vm2 answered after {:?}, after vm1's slow call ended: {slow}",
+        started.elapsed()
+    );
 
     // vm1 goes away: reported down, calls say so; it comes back on the same port: linked again.
     vm1.kill();
