@@ -1,6 +1,6 @@
 //! The device protocol: enrollment, authentication, heartbeats.
 
-use super::extract::{bearer, ApiJson, SignedBody};
+use super::extract::{bearer, DeviceJson, SignedBody};
 use super::AppState;
 use crate::db::bundles;
 use crate::db::devices;
@@ -301,8 +301,7 @@ struct StoredTelemetry<'a> {
 /// `POST /api/v1/heartbeat`: store telemetry and acks, answer with the interval and open commands.
 pub async fn heartbeat(
     State(state): State<AppState>,
-    DeviceAuth(claims): DeviceAuth,
-    ApiJson(request): ApiJson<HeartbeatRequest>,
+    DeviceJson(claims, request): DeviceJson<HeartbeatRequest>,
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
     if request.acks.len() > MAX_ACKS {
         return Err(ApiError::bad_request(
