@@ -55,11 +55,13 @@ lint:
     cargo clippy --workspace --all-targets -- -D warnings
 
 # Everything CI runs: lints, unit tests, integration tests on SQLite and PostgreSQL with the musl
-# agent, then the QEMU chain (tenant ISO booted with BIOS and UEFI, appliances enroll).
+# agent, the bundle tests with the S3 store (Garage), then the QEMU chain (tenant ISO booted with
+# BIOS and UEFI, appliances enroll).
 test: lint build agent
     cargo test --workspace --exclude kernex-tests
     just _integration sqlite
     just _integration postgres
+    just _s3
     just test-qemu
 
 # The stand-in base ISO (Ubuntu live-server layout, built from Debian packages); rebuilt only when
@@ -104,6 +106,18 @@ iso tenant base *ARGS: agent-binary
 # The integration suite against a real PostgreSQL (started here if it is not running).
 test-postgres: build agent-binary
     just _integration postgres
+
+# Garage is started on loopback by scripts/garage.sh unless it runs already; SQLite, musl agent.
+# The S3 bundle store against a real Garage: the store's own tests, then the bundle tests.
+test-s3: build agent-binary
+    just _s3
+
+[private]
+_s3:
+    @echo "==> S3 bundle store against Garage"
+    settings=$(scripts/garage.sh); eval "$settings"; \
+      cargo test --workspace --exclude kernex-tests --lib store::s3 && \
+      KERNEX_AGENT_BIN={{agent_bin}} cargo test -p kernex-tests --test integration bundles::
 
 # The integration suite on one backend, with the shipped (musl) agent.
 [private]

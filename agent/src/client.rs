@@ -63,6 +63,11 @@ impl Client {
         let mut builder = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(10))
             .timeout(Duration::from_secs(30))
+            // A bundle download may be redirected to a presigned object-store URL: follow it
+            // (GET keeps its headers, so `Range` and `If-Range` reach the store) but never send
+            // the device's bearer token to another host.
+            .redirects(3)
+            .redirect_auth_headers(ureq::RedirectAuthHeaders::Never)
             .user_agent(&format!("kernex-agent/{}", crate::VERSION));
         if let Some(tls) = tls_config(config)? {
             builder = builder.tls_config(Arc::new(tls));
@@ -107,9 +112,10 @@ impl Client {
 
     /// GETs `path` (under the API prefix, or absolute on the server when it starts with the
     /// prefix) into `file`, resuming from the file's current length: `Range` from there with
-    /// `If-Range: etag`. Returns the ETag. A `200` (the server could not resume, or the file
-    /// changed) truncates and starts over. Bytes already written stay written whatever happens,
-    /// so a dropped connection costs only what was in flight.
+    /// `If-Range: etag`. Returns the ETag of whoever answered last (the server, or the object
+    /// store it redirected to). A `200` (no resume, or the file changed) truncates and starts
+    /// over. Bytes already written stay written whatever happens, so a dropped connection costs
+    /// only what was in flight.
     pub fn download(
         &self,
         path: &str,

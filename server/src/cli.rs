@@ -5,6 +5,7 @@ use crate::api::ApiSettings;
 use crate::db::tokens::{self, NewBootstrapToken, Role};
 use crate::db::{audit, tenants, Db};
 use crate::serve::{serve, ServeOptions};
+use crate::store::{S3Config, S3Credentials, S3Downloads, StoreConfig};
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
@@ -48,7 +49,7 @@ pub struct StorageArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the control plane.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage tenants.
     #[command(subcommand)]
     Tenant(TenantCommand),
@@ -116,6 +117,158 @@ pub struct ServeArgs {
     /// How often the rollout engine checks running deployments when nothing wakes it earlier.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub rollout_interval: std::time::Duration,
+    #[command(flatten)]
+    pub bundle_store: BundleStoreArgs,
+}
+
+/// Where bundle files are kept. Credentials for S3 come only from the environment
+/// (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`) or a file, never from a flag's value.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Bundle store")]
+pub struct BundleStoreArgs {
+    /// `local`: files under --data-dir in `bundles/`. `s3`: a bucket of an S3-compatible store
+    /// (AWS S3, Garage, MinIO, ...); needs --s3-endpoint, --s3-bucket, --s3-region and credentials
+    /// from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or --s3-credentials-file.
+    #[arg(long, value_enum, env = "KERNEX_BUNDLE_STORE", default_value_t = BundleStoreKind::Local)]
+    pub bundle_store: BundleStoreKind,
+    /// S3 API endpoint (scheme, host, port), e.g. `https://s3.eu-central-1.amazonaws.com` or
+    /// `http://127.0.0.1:3900`; requests are path-style (`<endpoint>/<bucket>/<key>`).
+    #[arg(long, env = "KERNEX_S3_ENDPOINT", value_name = "URL")]
+    pub s3_endpoint: Option<url::Url>,
+    /// S3 bucket holding the bundle files; it must exist.
+    #[arg(long, env = "KERNEX_S3_BUCKET", value_name = "NAME")]
+    pub s3_bucket: Option<String>,
+    /// Region requests are signed for (`us-east-1`, Garage's `s3_region`, ...).
+    #[arg(long, env = "KERNEX_S3_REGION", value_name = "REGION")]
+    pub s3_region: Option<String>,
+    /// Prefix of every key in the bucket, e.g. `kernex/`, to share a bucket.
+    #[arg(
+        long,
+        env = "KERNEX_S3_PREFIX",
+        value_name = "PREFIX",
+        default_value = ""
+    )]
+    pub s3_prefix: String,
+    /// File with the S3 access key in the AWS credentials format (`aws_access_key_id = ...` and
+    /// `aws_secret_access_key = ...`), instead of AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.
+    #[arg(long, env = "KERNEX_S3_CREDENTIALS_FILE", value_name = "FILE")]
+    pub s3_credentials_file: Option<PathBuf>,
+    /// How devices download bundles kept in S3: `redirect` answers `307` with a presigned URL, so
+    /// the bytes go from the bucket straight to the device (which must reach the endpoint);
+    /// `proxy` streams them through the server. Operators' downloads are always streamed.
+    #[arg(long, value_enum, env = "KERNEX_S3_DOWNLOADS", default_value_t = S3DownloadsArg::Redirect)]
+    pub s3_downloads: S3DownloadsArg,
+    /// Lifetime of the presigned URLs of `--s3-downloads redirect` (at most 7 days). A download
+    /// that starts in time runs to its end; a resume asks the server for a new URL.
+    #[arg(long, env = "KERNEX_S3_PRESIGN_TTL", default_value = "15m", value_parser = humantime::parse_duration)]
+    pub s3_presign_ttl: std::time::Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BundleStoreKind {
+    Local,
+    S3,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum S3DownloadsArg {
+    Redirect,
+    Proxy,
+}
+
+impl BundleStoreArgs {
+    /// The validated store configuration; errors name the missing option or variable. `env`
+    /// looks up environment variables (the process environment outside tests).
+    pub fn config(
+        &self,
+        data_dir: &std::path::Path,
+        max_bundle_bytes: u64,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> anyhow::Result<StoreConfig> {
+        if self.bundle_store == BundleStoreKind::Local {
+            let stray = [
+                ("--s3-endpoint", self.s3_endpoint.is_some()),
+                ("--s3-bucket", self.s3_bucket.is_some()),
+                ("--s3-region", self.s3_region.is_some()),
+                ("--s3-prefix", !self.s3_prefix.is_empty()),
+                ("--s3-credentials-file", self.s3_credentials_file.is_some()),
+            ];
+            if let Some((flag, _)) = stray.iter().find(|(_, set)| *set) {
+                anyhow::bail!("{flag} is set but the bundle store is local: add --bundle-store s3");
+            }
+            return Ok(StoreConfig::Local(data_dir.join("bundles")));
+        }
+        let needs = |flag: &str, var: &str| {
+            anyhow::anyhow!("--bundle-store s3 needs {flag} (or the environment variable {var})")
+        };
+        let endpoint = self
+            .s3_endpoint
+            .clone()
+            .ok_or_else(|| needs("--s3-endpoint", "KERNEX_S3_ENDPOINT"))?;
+        let bucket = self
+            .s3_bucket
+            .clone()
+            .filter(|b| !b.is_empty())
+            .ok_or_else(|| needs("--s3-bucket", "KERNEX_S3_BUCKET"))?;
+        let region = self
+            .s3_region
+            .clone()
+            .filter(|r| !r.is_empty())
+            .ok_or_else(|| needs("--s3-region", "KERNEX_S3_REGION"))?;
+        let credentials = match &self.s3_credentials_file {
+            Some(file) => S3Credentials::from_file(file)?,
+            None => {
+                let id = env("AWS_ACCESS_KEY_ID").filter(|v| !v.is_empty());
+                let secret = env("AWS_SECRET_ACCESS_KEY").filter(|v| !v.is_empty());
+                match (id, secret) {
+                    (Some(id), Some(secret)) => S3Credentials::new(id, secret),
+                    (id, secret) => {
+                        let missing: Vec<&str> = [
+                            ("AWS_ACCESS_KEY_ID", id.is_none()),
+                            ("AWS_SECRET_ACCESS_KEY", secret.is_none()),
+                        ]
+                        .iter()
+                        .filter(|(_, missing)| *missing)
+                        .map(|(var, _)| *var)
+                        .collect();
+                        anyhow::bail!(
+                            "--bundle-store s3 needs credentials: {} not set (or pass --s3-credentials-file)",
+                            match missing.as_slice() {
+                                [one] => format!("the environment variable {one} is"),
+                                _ => format!("the environment variables {} are", missing.join(" and ")),
+                            }
+                        );
+                    }
+                }
+            }
+        };
+        const MAX_PRESIGN_TTL: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+        let downloads = match self.s3_downloads {
+            S3DownloadsArg::Proxy => S3Downloads::Proxy,
+            S3DownloadsArg::Redirect => {
+                let ttl = self.s3_presign_ttl;
+                anyhow::ensure!(
+                    ttl >= std::time::Duration::from_secs(1) && ttl <= MAX_PRESIGN_TTL,
+                    "--s3-presign-ttl must be between 1s and 7 days (S3's limit), not {}",
+                    humantime::format_duration(ttl)
+                );
+                S3Downloads::Redirect { ttl }
+            }
+        };
+        let prefix = match self.s3_prefix.trim_matches('/') {
+            "" => String::new(),
+            prefix => format!("{prefix}/"),
+        };
+        Ok(StoreConfig::S3(Box::new(S3Config {
+            endpoint,
+            bucket,
+            region,
+            prefix,
+            credentials,
+            part_size: S3Config::part_size_for(max_bundle_bytes),
+            downloads,
+        })))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -283,6 +436,10 @@ fn write_private(path: &std::path::Path, data: &[u8]) -> anyhow::Result<()> {
 async fn dispatch(db: &Db, data_dir: &std::path::Path, command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve(args) => {
+            let max_bundle_bytes = args.max_bundle_mib << 20;
+            let bundle_store = args
+                .bundle_store
+                .config(data_dir, max_bundle_bytes, |var| std::env::var(var).ok())?;
             let options = ServeOptions {
                 listen: args.listen,
                 tls: args.tls_cert.zip(args.tls_key),
@@ -290,11 +447,11 @@ async fn dispatch(db: &Db, data_dir: &std::path::Path, command: Command) -> anyh
                     heartbeat_interval: args.heartbeat_interval,
                     offline_after: args.offline_after,
                     device_token_ttl: args.device_token_ttl,
-                    max_bundle_bytes: args.max_bundle_mib << 20,
+                    max_bundle_bytes,
                     bundle_retention: args.bundle_retention as usize,
                     ..ApiSettings::default()
                 },
-                bundle_dir: data_dir.join("bundles"),
+                bundle_store,
                 rollout_every: args.rollout_interval,
             };
             serve(db.clone(), options).await
@@ -451,5 +608,98 @@ async fn dispatch(db: &Db, data_dir: &std::path::Path, command: Command) -> anyh
             );
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store_config(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<StoreConfig> {
+        let cli = Cli::try_parse_from(["kernex-server", "serve"].iter().chain(args)).unwrap();
+        let Command::Serve(serve) = cli.command else {
+            unreachable!()
+        };
+        serve
+            .bundle_store
+            .config(std::path::Path::new("/data"), 4 << 30, |var| {
+                env.iter()
+                    .find(|(name, _)| *name == var)
+                    .map(|(_, value)| value.to_string())
+            })
+    }
+
+    const S3: [&str; 8] = [
+        "--bundle-store",
+        "s3",
+        "--s3-endpoint",
+        "http://127.0.0.1:3900",
+        "--s3-bucket",
+        "bundles",
+        "--s3-region",
+        "garage",
+    ];
+    const KEYS: [(&str, &str); 2] = [
+        ("AWS_ACCESS_KEY_ID", "GKid"),
+        ("AWS_SECRET_ACCESS_KEY", "s3cr3t"),
+    ];
+
+    #[test]
+    fn bundle_store_options_are_validated_naming_what_is_missing() {
+        let error =
+            |args: &[&str], env: &[(&str, &str)]| store_config(args, env).unwrap_err().to_string();
+        assert!(matches!(
+            store_config(&[], &[]).unwrap(),
+            StoreConfig::Local(dir) if dir == std::path::Path::new("/data/bundles")
+        ));
+        assert_eq!(
+            error(&["--s3-bucket", "b"], &[]),
+            "--s3-bucket is set but the bundle store is local: add --bundle-store s3"
+        );
+        assert_eq!(
+            error(&S3[..6], &KEYS),
+            "--bundle-store s3 needs --s3-region (or the environment variable KERNEX_S3_REGION)"
+        );
+        assert_eq!(
+            error(&[&S3[..2], &S3[4..]].concat(), &KEYS),
+            "--bundle-store s3 needs --s3-endpoint (or the environment variable KERNEX_S3_ENDPOINT)"
+        );
+        assert_eq!(
+            error(&S3, &[]),
+            "--bundle-store s3 needs credentials: the environment variables AWS_ACCESS_KEY_ID and \
+             AWS_SECRET_ACCESS_KEY are not set (or pass --s3-credentials-file)"
+        );
+        assert_eq!(
+            error(&S3, &KEYS[..1]),
+            "--bundle-store s3 needs credentials: the environment variable AWS_SECRET_ACCESS_KEY \
+             is not set (or pass --s3-credentials-file)"
+        );
+        assert_eq!(
+            error(&[&S3[..], &["--s3-presign-ttl", "8d"]].concat(), &KEYS),
+            "--s3-presign-ttl must be between 1s and 7 days (S3's limit), not 8days"
+        );
+
+        let StoreConfig::S3(config) = store_config(
+            &[&S3[..], &["--s3-prefix", "/kernex/fleet/"]].concat(),
+            &KEYS,
+        )
+        .unwrap() else {
+            panic!("not S3")
+        };
+        assert_eq!(config.prefix, "kernex/fleet/");
+        assert_eq!(config.part_size, 8 << 20);
+        assert_eq!(
+            config.downloads,
+            S3Downloads::Redirect {
+                ttl: std::time::Duration::from_secs(900)
+            }
+        );
+        assert!(!format!("{config:?}").contains("s3cr3t"));
+        let StoreConfig::S3(config) =
+            store_config(&[&S3[..], &["--s3-downloads", "proxy"]].concat(), &KEYS).unwrap()
+        else {
+            panic!("not S3")
+        };
+        assert_eq!(config.downloads, S3Downloads::Proxy);
     }
 }

@@ -5,7 +5,7 @@ use crate::db::{secrets, Db};
 use crate::device_token::DeviceTokenKey;
 use crate::heartbeat::{HeartbeatWriter, WriterConfig};
 use crate::rollout::RolloutEngine;
-use crate::store::ObjectStore;
+use crate::store::{ObjectStore, StoreConfig};
 use anyhow::Context as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,13 +20,15 @@ pub struct ServeOptions {
     /// Certificate chain and private key, both PEM files.
     pub tls: Option<(PathBuf, PathBuf)>,
     pub api: ApiSettings,
-    /// Where bundle files are kept (`<data dir>/bundles`).
-    pub bundle_dir: PathBuf,
+    /// Where bundle files are kept.
+    pub bundle_store: StoreConfig,
     /// How often the rollout engine looks at running deployments when nothing wakes it.
     pub rollout_every: Duration,
 }
 
 pub async fn serve(db: Db, options: ServeOptions) -> anyhow::Result<()> {
+    let store = ObjectStore::open(&options.bundle_store).await?;
+    tracing::info!(?store, "bundle store ready");
     let secret = secrets::get_or_create(&db, DEVICE_TOKEN_SECRET)
         .await
         .context("loading the device-token key")?;
@@ -37,7 +39,7 @@ pub async fn serve(db: Db, options: ServeOptions) -> anyhow::Result<()> {
         heartbeats,
         device_tokens: DeviceTokenKey::new(&secret),
         settings: options.api,
-        store: ObjectStore::local(&options.bundle_dir)?,
+        store,
         rollouts: RolloutEngine::start(db.clone(), options.rollout_every),
     });
     let service = app(state).into_make_service_with_connect_info::<SocketAddr>();

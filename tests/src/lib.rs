@@ -5,12 +5,17 @@
 //! test` does), or from `KERNEX_SERVER_BIN` / `KERNEX_AGENT_BIN` (CI points the latter at the static
 //! musl build, so the tested agent is the shipped one). Setting `KERNEX_TEST_POSTGRES` to an admin
 //! URL (`postgres://user:pw@127.0.0.1/postgres`) runs every test against PostgreSQL instead.
+//! Setting `KERNEX_TEST_S3` (with the other variables `scripts/garage.sh` prints) keeps every
+//! server's bundles in that S3 bucket, under a prefix of the test's own, instead of a directory.
 //! Every wait is bounded; processes are killed when their handle drops.
 
 #![allow(clippy::unwrap_used)]
 
 pub mod bundle;
 pub mod proxy;
+mod s3;
+
+pub use s3::{S3Bucket, S3Tap, TappedRequest};
 
 use serde_json::Value;
 use std::io::{BufRead as _, BufReader};
@@ -112,6 +117,21 @@ impl Drop for Storage {
     }
 }
 
+/// Where a test's server keeps bundle files.
+#[derive(Debug, Clone)]
+pub enum BundleStore {
+    /// `<data dir>/bundles`.
+    Local,
+    S3(S3Bucket),
+}
+
+impl BundleStore {
+    /// The local directory, or a fresh prefix in the test bucket when `KERNEX_TEST_S3` is set.
+    pub fn for_test() -> BundleStore {
+        S3Bucket::from_env().map_or(BundleStore::Local, BundleStore::S3)
+    }
+}
+
 fn psql(url: &str, sql: &str) {
     let out = Command::new("psql")
         .args([url, "-v", "ON_ERROR_STOP=1", "-qc", sql])
@@ -129,6 +149,7 @@ fn psql(url: &str, sql: &str) {
 pub struct Server {
     pub dir: tempfile::TempDir,
     pub storage: Storage,
+    pub bundles: BundleStore,
     pub url: String,
     pub port: u16,
     extra: Vec<String>,
@@ -142,9 +163,15 @@ impl Server {
     }
 
     pub fn start_with(extra: &[&str]) -> Server {
+        Server::start_with_bundles(BundleStore::for_test(), extra)
+    }
+
+    /// Starts a server that keeps bundles in `bundles`, with `serve` options `extra`.
+    pub fn start_with_bundles(bundles: BundleStore, extra: &[&str]) -> Server {
         let mut server = Server {
             dir: tempfile::tempdir().unwrap(),
             storage: Storage::for_test(),
+            bundles,
             url: String::new(),
             port: 0,
             extra: extra.iter().map(|s| s.to_string()).collect(),
@@ -173,6 +200,7 @@ impl Server {
                 url: url.clone(),
                 data_dir: self.data_dir(),
             },
+            bundles: self.bundles.clone(),
             url: String::new(),
             port: 0,
             extra: self.extra.clone(),
@@ -190,6 +218,9 @@ impl Server {
             .env("KERNEX_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
+        if let BundleStore::S3(bucket) = &self.bundles {
+            cmd.args(bucket.serve_args()).envs(bucket.env());
+        }
         let mut child = cmd.spawn().unwrap();
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap())
@@ -266,6 +297,9 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop();
+        if let BundleStore::S3(bucket) = &self.bundles {
+            bucket.clear();
+        }
     }
 }
 

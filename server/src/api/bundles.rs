@@ -116,7 +116,11 @@ pub async fn upload(
             "the tenant trusts no publisher key yet: add one with POST /api/v1/publisher-keys",
         ));
     }
-    let mut writer = state.store.writer().await?;
+    // The id is drawn before the upload so that the object is written under its final key; it
+    // stays invisible there until the commit below.
+    let id = crate::db::new_id();
+    let object_key = format!("{}/{id}", principal.tenant_id);
+    let mut writer = state.store.writer(&object_key).await?;
     let received = receive(&state, body, &mut writer).await;
     let (sealed, head, size) = match received {
         Ok(received) => received,
@@ -133,7 +137,6 @@ pub async fn upload(
             return Err(err);
         }
     };
-    let id = crate::db::new_id();
     let bundle = Bundle {
         id: id.clone(),
         tenant_id: principal.tenant_id.clone(),
@@ -144,12 +147,12 @@ pub async fn upload(
         archive_bytes: sealed.archive_bytes as i64,
         manifest: serde_json::to_string(&manifest).map_err(anyhow::Error::from)?,
         publisher,
-        object_key: format!("{}/{id}", principal.tenant_id),
+        object_key,
         created_by: principal.actor(),
         created_at: now_ms(),
         deleted_at: None,
     };
-    writer.commit(&bundle.object_key).await?;
+    writer.commit().await?;
     if let Err(err) = bundles::insert(&state.db, &bundle).await {
         let _ = state.store.delete(&bundle.object_key).await;
         return Err(err);
@@ -285,7 +288,9 @@ fn unknown_bundle(id: &str) -> ApiError {
 }
 
 /// `GET /api/v1/bundles/{id}/content`: the packed file, with `Range` (resume) and `ETag`, for an
-/// operator (API key) or for a device (bearer token from `/auth`) the bundle was released to.
+/// operator (API key) or for a device (bearer token from `/auth`) the bundle was released to. A
+/// device is redirected (`307`) to a presigned URL when the store hands them out: it follows the
+/// redirect with the same `Range` and `If-Range`, and S3 answers them (with its own `ETag`).
 pub async fn content(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -310,6 +315,17 @@ pub async fn content(
         // Not released to this device: as if it did not exist.
         if !deployments::device_may_fetch(&state.db, &device_id, &bundle.id).await? {
             return Err(unknown_bundle(&id));
+        }
+        if let Some(url) = state.store.download_url(&bundle.object_key).await? {
+            let location = HeaderValue::try_from(url).map_err(anyhow::Error::from)?;
+            return Ok((
+                StatusCode::TEMPORARY_REDIRECT,
+                [
+                    (header::LOCATION, location),
+                    (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+                ],
+            )
+                .into_response());
         }
     }
     serve_object(&state, &bundle, &parts.headers).await
