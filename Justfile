@@ -56,7 +56,7 @@ lint:
 
 # Everything CI runs: lints, unit tests, integration tests on SQLite and PostgreSQL with the musl
 # agent, the bundle tests with the S3 store (Garage), then the QEMU chain (tenant ISO booted with
-# BIOS and UEFI, appliances enroll).
+# BIOS and UEFI, appliances enroll, link their user VM, take a bundle and a new agent).
 test: lint build agent
     cargo test --workspace --exclude kernex-tests
     just _integration sqlite
@@ -107,8 +107,8 @@ iso tenant base *ARGS: agent-binary
 test-postgres: build agent-binary
     just _integration postgres
 
-# Garage is started on loopback by scripts/garage.sh unless it runs already; SQLite, musl agent.
-# The S3 bundle store against a real Garage: the store's own tests, then the bundle tests.
+# The S3 bundle store against a real Garage (started on loopback by scripts/garage.sh unless it
+# runs already): the store's own tests, then the bundle tests on SQLite with the musl agent.
 test-s3: build agent-binary
     just _s3
 
