@@ -7,6 +7,7 @@ pub mod db;
 pub mod device_token;
 pub mod error;
 pub mod heartbeat;
+pub mod metrics;
 pub mod preauthorize;
 pub mod rollout;
 pub mod serve;

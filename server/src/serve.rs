@@ -4,11 +4,13 @@ use crate::api::{app, ApiSettings, AppState, Shared};
 use crate::db::{secrets, Db};
 use crate::device_token::DeviceTokenKey;
 use crate::heartbeat::{HeartbeatWriter, WriterConfig};
+use crate::metrics::Metrics;
 use crate::rollout::RolloutEngine;
 use crate::store::{ObjectStore, StoreConfig};
 use anyhow::Context as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Name of the device-token HMAC key in `server_secrets`.
@@ -32,7 +34,8 @@ pub async fn serve(db: Db, options: ServeOptions) -> anyhow::Result<()> {
     let secret = secrets::get_or_create(&db, DEVICE_TOKEN_SECRET)
         .await
         .context("loading the device-token key")?;
-    let heartbeats = HeartbeatWriter::start(&db, WriterConfig::default())
+    let metrics = Arc::new(Metrics::new(crate::api::ROUTES.iter().copied()));
+    let heartbeats = HeartbeatWriter::start(&db, WriterConfig::default(), metrics.clone())
         .context("starting the heartbeat writer")?;
     let state = AppState::new(Shared {
         db: db.clone(),
@@ -41,6 +44,7 @@ pub async fn serve(db: Db, options: ServeOptions) -> anyhow::Result<()> {
         settings: options.api,
         store,
         rollouts: RolloutEngine::start(db.clone(), options.rollout_every),
+        metrics,
     });
     let service = app(state).into_make_service_with_connect_info::<SocketAddr>();
 

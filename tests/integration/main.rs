@@ -7,6 +7,7 @@ mod agent_lifecycle;
 mod bundles;
 mod device_protocol;
 mod imagebuilder;
+mod metrics;
 mod rest_api;
 mod rollout_resilience;
 mod self_update;

@@ -371,6 +371,10 @@ async fn serve_object(
         None => (StatusCode::OK, 0, size),
     };
     let reader = state.store.read(&bundle.object_key, start, len).await?;
+    state
+        .metrics
+        .bundle_bytes_served
+        .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
     let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
         reader,
         256 * 1024,

@@ -199,6 +199,10 @@ pub async fn enroll(
             (id, StatusCode::OK)
         }
     };
+    state
+        .metrics
+        .enrollments
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     Ok((
         status,
         Json(EnrollResponse {

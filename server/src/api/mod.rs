@@ -13,6 +13,7 @@ use crate::db::Db;
 use crate::device_token::DeviceTokenKey;
 use crate::error::ApiError;
 use crate::heartbeat::HeartbeatWriter;
+use crate::metrics::Metrics;
 use crate::rollout::RolloutEngine;
 use crate::store::ObjectStore;
 use axum::extract::DefaultBodyLimit;
@@ -62,6 +63,7 @@ pub struct Shared {
     pub settings: ApiSettings,
     pub store: ObjectStore,
     pub rollouts: RolloutEngine,
+    pub metrics: Arc<Metrics>,
 }
 
 impl AppState {
@@ -139,6 +141,7 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/healthz", get(rest::healthz))
         .route("/readyz", get(rest::readyz))
+        .route("/metrics", get(rest::metrics))
         .fallback(|| async { ApiError::not_found("not_found", "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::MethodNotAllowed {
@@ -160,7 +163,77 @@ pub fn app(state: AppState) -> Router {
                 .layer(DefaultBodyLimit::disable()),
         )
         .route(&v1("/bundles/{id}/content"), get(bundles::content))
+        // Outermost, and after routing: sees every request with its route template.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            record_request,
+        ))
         .with_state(state)
+}
+
+/// Every route as `(method, template)`, for the per-route metrics (a route missing here is
+/// counted under `unmatched`; `the_route_table_matches_the_router` keeps them in step).
+pub const ROUTES: &[(&str, &str)] = &[
+    ("POST", "/api/v1/enroll"),
+    ("POST", "/api/v1/auth"),
+    ("POST", "/api/v1/heartbeat"),
+    ("GET", "/api/v1/tenants"),
+    ("GET", "/api/v1/tenants/{name}"),
+    ("GET", "/api/v1/tokens"),
+    ("POST", "/api/v1/tokens"),
+    ("GET", "/api/v1/tokens/{id}"),
+    ("POST", "/api/v1/tokens/{id}/revoke"),
+    ("GET", "/api/v1/apikeys"),
+    ("POST", "/api/v1/apikeys"),
+    ("POST", "/api/v1/apikeys/{id}/revoke"),
+    ("GET", "/api/v1/devices"),
+    ("GET", "/api/v1/devices/{id}"),
+    ("DELETE", "/api/v1/devices/{id}"),
+    ("GET", "/api/v1/devices/{id}/commands"),
+    ("POST", "/api/v1/devices/{id}/commands"),
+    ("GET", "/api/v1/devices/{id}/commands/{command}"),
+    ("PUT", "/api/v1/devices/{id}/labels"),
+    ("GET", "/api/v1/audit"),
+    ("GET", "/api/v1/publisher-keys"),
+    ("POST", "/api/v1/publisher-keys"),
+    ("POST", "/api/v1/publisher-keys/{id}/revoke"),
+    ("GET", "/api/v1/bundles"),
+    ("POST", "/api/v1/bundles"),
+    ("GET", "/api/v1/bundles/{id}"),
+    ("GET", "/api/v1/bundles/{id}/content"),
+    ("GET", "/api/v1/deployments"),
+    ("POST", "/api/v1/deployments"),
+    ("GET", "/api/v1/deployments/{id}"),
+    ("POST", "/api/v1/deployments/{id}/pause"),
+    ("POST", "/api/v1/deployments/{id}/resume"),
+    ("POST", "/api/v1/deployments/{id}/cancel"),
+    ("POST", "/api/v1/deployments/{id}/rollback"),
+    ("POST", "/api/v1/deployments/{id}/status"),
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+];
+
+/// Times each request into its route's histogram.
+async fn record_request(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let started = std::time::Instant::now();
+    let method = request.method().clone();
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .cloned();
+    let response = next.run(request).await;
+    state.metrics.request(
+        method.as_str(),
+        route.as_ref().map(|r| r.as_str()),
+        response.status().as_u16(),
+        started.elapsed(),
+    );
+    response
 }
 
 /// Reads the request body (up to the limit) before any handler or extractor runs. A request refused
@@ -198,7 +271,9 @@ mod tests {
 
     async fn test_app(dir: &std::path::Path) -> Router {
         let db = Db::open(None, dir).await.unwrap();
-        let heartbeats = HeartbeatWriter::start(&db, WriterConfig::default()).unwrap();
+        let metrics = Arc::new(Metrics::new(ROUTES.iter().copied()));
+        let heartbeats =
+            HeartbeatWriter::start(&db, WriterConfig::default(), metrics.clone()).unwrap();
         app(AppState::new(Shared {
             store: ObjectStore::local(&dir.join("bundles")).unwrap(),
             rollouts: RolloutEngine::start(db.clone(), Duration::from_secs(1)),
@@ -206,7 +281,37 @@ mod tests {
             heartbeats,
             device_tokens: DeviceTokenKey::new(b"test"),
             settings: ApiSettings::default(),
+            metrics,
         }))
+    }
+
+    #[tokio::test]
+    async fn the_route_table_matches_the_router() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = test_app(dir.path()).await;
+        for (method, path) in ROUTES {
+            let path = path.replace(['{', '}'], "");
+            let response = app
+                .clone()
+                .oneshot(
+                    Request::builder()
+                        .method(*method)
+                        .uri(&path)
+                        .body(Body::empty())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            let status = response.status();
+            let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            let text = String::from_utf8_lossy(&bytes);
+            assert!(
+                status != StatusCode::METHOD_NOT_ALLOWED && !text.contains("no such route"),
+                "{method} {path}: {status} {text}"
+            );
+        }
     }
 
     async fn call(app: Router, request: Request<Body>) -> (StatusCode, serde_json::Value) {

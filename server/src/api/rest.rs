@@ -31,6 +31,30 @@ pub async fn readyz(State(state): State<AppState>) -> ApiResult<Json<Value>> {
     }
 }
 
+/// Prometheus metrics (text format). Open like `/healthz`: expose it only where Prometheus can
+/// reach it.
+pub async fn metrics(State(state): State<AppState>) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    match state
+        .metrics
+        .render(&state.db, state.settings.offline_after)
+        .await
+    {
+        Ok(text) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics: the database did not answer");
+            ApiError::DatabaseUnavailable { retry_after_s: 5 }.into_response()
+        }
+    }
+}
+
 pub async fn list_tenants(
     State(state): State<AppState>,
     principal: Principal,

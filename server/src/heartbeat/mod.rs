@@ -19,8 +19,10 @@ mod sqlite;
 
 use crate::db::Db;
 use crate::error::ApiError;
+use crate::metrics::Metrics;
 use kernex_protocol::wire::{CommandAck, CommandOutcome, DeviceCommand};
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 /// One accepted heartbeat on its way to the database.
@@ -74,13 +76,20 @@ impl Default for WriterConfig {
 
 impl HeartbeatWriter {
     /// Starts the backend's writer. Fails when the SQLite file cannot be opened for writing.
-    pub fn start(db: &Db, config: WriterConfig) -> anyhow::Result<HeartbeatWriter> {
+    pub fn start(
+        db: &Db,
+        config: WriterConfig,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<HeartbeatWriter> {
         let (queue, receiver) = mpsc::channel(config.queue_depth);
         match db {
-            Db::Sqlite(pool) => {
-                sqlite::start(pool.connect_options().get_filename(), receiver, config)?
-            }
-            Db::Postgres(pool) => postgres::start(pool, receiver, config),
+            Db::Sqlite(pool) => sqlite::start(
+                pool.connect_options().get_filename(),
+                receiver,
+                config,
+                metrics,
+            )?,
+            Db::Postgres(pool) => postgres::start(pool, receiver, config, metrics),
         }
         Ok(HeartbeatWriter { queue })
     }
@@ -97,6 +106,16 @@ impl HeartbeatWriter {
         outcome
             .await
             .map_err(|_| ApiError::Internal(anyhow::anyhow!("heartbeat writer dropped a beat")))?
+    }
+}
+
+/// Counts a batch's beats and the time its commit took.
+fn record(metrics: &Metrics, beats: usize, started: std::time::Instant, ok: bool) {
+    metrics.heartbeat_batch_committed(started.elapsed());
+    if ok {
+        metrics
+            .heartbeats
+            .fetch_add(beats as u64, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -226,7 +245,9 @@ mod tests {
             .map(|l| l.split(' ').next().unwrap().to_owned())
             .collect();
         let (a, b) = (&ids[0], &ids[1]);
-        let writer = HeartbeatWriter::start(&db, WriterConfig::default()).unwrap();
+        let writer =
+            HeartbeatWriter::start(&db, WriterConfig::default(), Arc::new(Metrics::new([])))
+                .unwrap();
 
         assert_eq!(
             writer.submit(beat("no-such-device", vec![])).await.unwrap(),

@@ -3,9 +3,10 @@
 //! size). Should two batches ever deadlock on the same device rows, PostgreSQL aborts one and its
 //! beats are answered 503 (agents retry).
 
-use super::{answer, latest_per_device, Beat, Committed, Queue, Reply, WriterConfig};
+use super::{answer, latest_per_device, record, Beat, Committed, Queue, Reply, WriterConfig};
 use super::{ACK_SQL, DEREGISTER_SQL};
 use crate::db::now_ms;
+use crate::metrics::Metrics;
 use kernex_protocol::wire::{DeviceCommand, MAX_COMMAND_OUTPUT};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
@@ -37,7 +38,7 @@ struct StoredBeat<'a> {
     telemetry: &'a str,
 }
 
-pub(super) fn start(pool: &PgPool, receiver: Queue, config: WriterConfig) {
+pub(super) fn start(pool: &PgPool, receiver: Queue, config: WriterConfig, metrics: Arc<Metrics>) {
     // Own connections, not checked before each use: a broken one fails its batch (503, retried by
     // the agents) instead of costing every batch a round trip.
     let pool = PgPoolOptions::new()
@@ -48,11 +49,16 @@ pub(super) fn start(pool: &PgPool, receiver: Queue, config: WriterConfig) {
         .connect_lazy_with((*pool.connect_options()).clone());
     let receiver = Arc::new(Mutex::new(receiver));
     for _ in 0..WRITERS {
-        tokio::spawn(run(pool.clone(), receiver.clone(), config.max_batch));
+        tokio::spawn(run(
+            pool.clone(),
+            receiver.clone(),
+            config.max_batch,
+            metrics.clone(),
+        ));
     }
 }
 
-async fn run(pool: PgPool, receiver: Arc<Mutex<Queue>>, max_batch: usize) {
+async fn run(pool: PgPool, receiver: Arc<Mutex<Queue>>, max_batch: usize, metrics: Arc<Metrics>) {
     let mut batch = Vec::with_capacity(max_batch);
     loop {
         {
@@ -61,9 +67,11 @@ async fn run(pool: PgPool, receiver: Arc<Mutex<Queue>>, max_batch: usize) {
                 return; // every sender is gone: the server is shutting down
             }
         }
+        let started = std::time::Instant::now();
         let committed = write_batch(&pool, &batch, now_ms())
             .await
             .map_err(|e| e.to_string());
+        record(&metrics, batch.len(), started, committed.is_ok());
         answer(&mut batch, committed);
     }
 }

@@ -7,14 +7,16 @@
 //! - checkpoints run on a second thread with its own connection (`wal_autocheckpoint` is off on the
 //!   writer), so copying WAL pages into the database file and its fsync never sit inside a commit.
 
-use super::{answer, latest_per_device, Beat, Committed, Queue, Reply, WriterConfig};
+use super::{answer, latest_per_device, record, Beat, Committed, Queue, Reply, WriterConfig};
 use super::{ACK_SQL, DEREGISTER_SQL};
 use crate::db::now_ms;
+use crate::metrics::Metrics;
 use anyhow::Context as _;
 use kernex_protocol::wire::{CommandOutcome, DeviceCommand, MAX_COMMAND_OUTPUT};
 use rusqlite::{params, Connection, OptionalExtension as _};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How often the checkpointer copies committed WAL frames into the database file.
@@ -30,7 +32,12 @@ const OPEN_COMMANDS: &str = "SELECT id, kind, args FROM commands
 const MARK_DELIVERED: &str = "UPDATE commands SET state = 'delivered',
         delivered_at = COALESCE(delivered_at, ?1), deliveries = deliveries + 1 WHERE id = ?2";
 
-pub(super) fn start(path: &Path, receiver: Queue, config: WriterConfig) -> anyhow::Result<()> {
+pub(super) fn start(
+    path: &Path,
+    receiver: Queue,
+    config: WriterConfig,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
     let writer = open(path, "-65536")?;
     // The page cache holds the devices table (64 MiB at most, grown only as pages are touched) so
     // a beat of any of 100k devices finds its page in memory.
@@ -45,7 +52,15 @@ pub(super) fn start(path: &Path, receiver: Queue, config: WriterConfig) -> anyho
         .context("starting the SQLite checkpoint thread")?;
     std::thread::Builder::new()
         .name("kx-heartbeats".into())
-        .spawn(move || run(writer, receiver, config.max_batch, stop_checkpoints))
+        .spawn(move || {
+            run(
+                writer,
+                receiver,
+                config.max_batch,
+                stop_checkpoints,
+                metrics,
+            )
+        })
         .context("starting the SQLite heartbeat writer thread")?;
     Ok(())
 }
@@ -77,6 +92,7 @@ fn run(
     mut receiver: Queue,
     max_batch: usize,
     _stop_checkpoints: std_mpsc::Sender<()>,
+    metrics: Arc<Metrics>,
 ) {
     let mut batch = Vec::with_capacity(max_batch);
     // `blocking_recv` returns None once every sender is gone: the server is shutting down, and
@@ -89,7 +105,9 @@ fn run(
                 Err(_) => break,
             }
         }
+        let started = std::time::Instant::now();
         let committed = write_batch(&mut conn, &batch, now_ms()).map_err(|e| e.to_string());
+        record(&metrics, batch.len(), started, committed.is_ok());
         answer(&mut batch, committed);
     }
 }
