@@ -49,10 +49,11 @@ agent-next: agent-binary
     echo "$inputs" > "$out.inputs"
     echo "$out: $("$out" --version) (shipped: $({{agent_bin}} --version))"
 
-# Formatting and lints, as CI runs them.
+# Formatting and lints, as CI runs them; the monitoring files checked against the metrics.
 lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
+    scripts/check-monitoring.sh
 
 # Everything CI runs: lints, unit tests, integration tests on SQLite and PostgreSQL with the musl
 # agent, the bundle tests with the S3 store (Garage), then the QEMU chain (tenant ISO booted with
