@@ -128,6 +128,12 @@ _integration backend: agent-next
       KERNEX_AGENT_BIN={{agent_bin}} KERNEX_AGENT_NEXT_BIN={{justfile_directory()}}/target/agent-next/kernex-agent \
       cargo test -p kernex-tests --test integration
 
+# Bundle downloads (256 MiB to 64 clients) from kernex-server and from nginx in the same run, and
+# a 1 GiB upload next to cp + sync.
+bench-bundles *ARGS:
+    cargo build --release -p kernex-server
+    scripts/bench-bundles.sh {{ARGS}}
+
 # Heartbeat throughput against SQLite and PostgreSQL, side by side with a no-op endpoint.
 bench-heartbeat *ARGS:
     cargo build --release -p kernex-server -p kernex-bench
