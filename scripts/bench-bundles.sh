@@ -24,6 +24,7 @@ root=$(pwd)
 server="$root/target/release/kernex-server"
 cache="$root/target/bench"
 work=$(mktemp -d -p "$root/target" bench-bundles.XXXXXX)
+chmod 755 "$work" # nginx's workers drop to an unprivileged user and must reach its document root
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
@@ -51,12 +52,17 @@ bundle() {
 
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 
-# downloads URL AUTH-HEADER → seconds for $clients concurrent full downloads (exits if any fails)
+# downloads URL AUTH-HEADER → seconds for $clients concurrent full downloads; fails unless every
+# downloader got the whole file (each curl prints the bytes it received)
 downloads() {
   local url=$1 auth=$2 start end
   start=$(date +%s.%N)
-  seq "$clients" | xargs -P "$clients" -I{} curl -fsS -o /dev/null -H "$auth" "$url"
+  seq "$clients" | xargs -P "$clients" -I{} curl -fsS -o /dev/null -w '%{size_download}\n' -H "$auth" "$url" \
+    > "$work/sizes" || { echo "a download from $url failed" >&2; return 1; }
   end=$(date +%s.%N)
+  local whole
+  whole=$(grep -cx "$bytes" "$work/sizes" || true)
+  [ "$whole" -eq "$clients" ] || { echo "only $whole of $clients downloads from $url got all $bytes bytes" >&2; return 1; }
   echo "$end - $start" | bc
 }
 
@@ -69,7 +75,7 @@ upload_bytes=$(stat -c %s "$upload_file")
 data="$work/data"
 "$server" --data-dir "$data" tenant create bench >/dev/null
 key=$("$server" --data-dir "$data" apikey create --tenant bench --role admin)
-"$server" --data-dir "$data" serve --listen 127.0.0.1:0 --max-bundle-mib $((upload_mib + 64)) > "$work/server.out" &
+"$server" --data-dir "$data" serve --listen 127.0.0.1:0 --max-bundle-mib $(( (upload_mib > size_mib ? upload_mib : size_mib) + 64 )) > "$work/server.out" &
 server_pid=$!; pids+=("$server_pid")
 for _ in $(seq 1 200); do grep -q listening "$work/server.out" 2>/dev/null && break; sleep 0.05; done
 url=$(grep -o 'http://[^ ]*' "$work/server.out")
@@ -93,7 +99,7 @@ idle_rss=$(rss_kib "$server_pid")
     r=$(rss_kib "$server_pid"); [ "$r" -gt "$peak" ] && peak=$r; echo "$peak" > "$work/peak"; sleep 0.1
   done ) &
 sampler=$!; pids+=("$sampler")
-kernex_s=$(downloads "$url/api/v1/bundles/$id/content" "$auth")
+kernex_s=$(downloads "$url/api/v1/bundles/$id/content" "$auth") || exit 1
 touch "$work/stop-sampling"; wait "$sampler" 2>/dev/null || true
 peak_rss=$(cat "$work/peak"); after_rss=$(rss_kib "$server_pid")
 
@@ -122,7 +128,7 @@ EOF
 nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" -e stderr &
 nginx_pid=$!; pids+=("$nginx_pid")
 for _ in $(seq 1 100); do curl -fsS -o /dev/null -r 0-0 "http://127.0.0.1:$nginx_port/bundle.kxb" 2>/dev/null && break; sleep 0.05; done
-nginx_s=$(downloads "http://127.0.0.1:$nginx_port/bundle.kxb" "X-Bench: 1")
+nginx_s=$(downloads "http://127.0.0.1:$nginx_port/bundle.kxb" "X-Bench: 1") || exit 1
 
 total=$((bytes * clients))
 mibs() { echo "scale=0; $1 / 1048576 / $2" | bc; }

@@ -12,8 +12,7 @@ pub use s3::{S3Config, S3Credentials, S3Downloads, S3Store, S3Writer};
 
 use anyhow::Context as _;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
-use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt as _};
+use tokio::io::AsyncWriteExt as _;
 
 /// The bundle store. An enum rather than a trait object: the set of backends is closed and each
 /// method is one `match`.
@@ -48,8 +47,16 @@ pub enum ObjectWriter {
     S3(S3Writer),
 }
 
-/// A byte range of an object, for HTTP Range, read as it is sent.
-pub type ObjectReader = Pin<Box<dyn tokio::io::AsyncRead + Send>>;
+/// A byte range of an object, for HTTP Range, read as it is sent: chunks that go to the socket
+/// as they are (no copy between the store's buffers and the HTTP body).
+pub type ObjectStream = futures_util::stream::BoxStream<'static, std::io::Result<bytes::Bytes>>;
+
+/// Bytes read per chunk from a local object. Large enough that a 256 MiB download costs a few
+/// hundred hand-offs to the blocking pool, small enough that 64 concurrent downloads hold tens of
+/// MiB (each holds at most the chunk being sent and the one being read). Measured with
+/// `just bench-bundles`: 256 KiB served at 0.69× nginx, 512 KiB at 1.04×, 1 MiB at 1.16× with more
+/// memory.
+const LOCAL_READ_CHUNK: usize = 512 * 1024;
 
 impl ObjectStore {
     /// Opens the configured store; an S3 bucket is checked to be reachable with these credentials.
@@ -92,17 +99,17 @@ impl ObjectStore {
     }
 
     /// Reads `len` bytes of `key` from `offset`.
-    pub async fn read(&self, key: &str, offset: u64, len: u64) -> anyhow::Result<ObjectReader> {
+    pub async fn read(&self, key: &str, offset: u64, len: u64) -> anyhow::Result<ObjectStream> {
         match self {
             ObjectStore::Local(local) => {
                 let path = local.path(key)?;
-                let mut file = tokio::fs::File::open(&path)
-                    .await
-                    .with_context(|| format!("opening {}", path.display()))?;
-                file.seek(std::io::SeekFrom::Start(offset))
-                    .await
-                    .with_context(|| format!("seeking in {}", path.display()))?;
-                Ok(Box::pin(file.take(len)))
+                let file = tokio::task::spawn_blocking({
+                    let path = path.clone();
+                    move || std::fs::File::open(path)
+                })
+                .await?
+                .with_context(|| format!("opening {}", path.display()))?;
+                Ok(read_local(std::sync::Arc::new(file), path, offset, len))
             }
             ObjectStore::S3(s3) => s3.read(key, offset, len).await,
         }
@@ -153,6 +160,66 @@ impl LocalStore {
         validate_key(key)?;
         Ok(self.root.join(key))
     }
+}
+
+/// `len` bytes of `file` from `offset`, as positioned reads (`pread`) on the blocking pool straight
+/// into the buffers the HTTP layer sends: tokio's `File` would copy each chunk once more through a
+/// buffer of its own. A file shorter than promised ends the stream with an error, so the client sees
+/// a cut transfer rather than a short one that looks whole.
+fn read_local(
+    file: std::sync::Arc<std::fs::File>,
+    path: PathBuf,
+    offset: u64,
+    len: u64,
+) -> ObjectStream {
+    use futures_util::StreamExt as _;
+    use std::os::unix::fs::FileExt as _;
+    let end = offset + len;
+    Box::pin(
+        futures_util::stream::unfold(offset, move |at| {
+            let (file, path) = (file.clone(), path.clone());
+            async move {
+                if at >= end {
+                    return None;
+                }
+                let want = (end - at).min(LOCAL_READ_CHUNK as u64) as usize;
+                // Allocated here, on a runtime worker, where the HTTP layer frees it after sending:
+                // allocated on the blocking pool's many threads, the allocator kept per-thread caches
+                // of them and the server's RSS grew with the number of downloads (55 → 343 MiB).
+                let mut buf = bytes::BytesMut::zeroed(want);
+                let read = tokio::task::spawn_blocking(move || {
+                    let mut filled = 0;
+                    while filled < want {
+                        match file.read_at(&mut buf[filled..], at + filled as u64) {
+                            Ok(0) => {
+                                return Err(std::io::Error::new(
+                                    std::io::ErrorKind::UnexpectedEof,
+                                    format!(
+                                        "{} ends at byte {}",
+                                        path.display(),
+                                        at + filled as u64
+                                    ),
+                                ))
+                            }
+                            Ok(n) => filled += n,
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    Ok(buf.freeze())
+                })
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+                match read {
+                    Ok(chunk) => Some((Ok(chunk), at + want as u64)),
+                    // Stop after the error: the next poll ends the stream.
+                    Err(e) => Some((Err(e), end)),
+                }
+            }
+        })
+        .fuse()
+        .boxed(),
+    )
 }
 
 impl ObjectWriter {
@@ -225,6 +292,38 @@ mod tests {
         }
     }
 
+    /// The whole of a ranged read.
+    pub(super) async fn read_all(store: &ObjectStore, key: &str, offset: u64, len: u64) -> Vec<u8> {
+        use futures_util::TryStreamExt as _;
+        let chunks: Vec<bytes::Bytes> = store
+            .read(key, offset, len)
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        chunks.concat()
+    }
+
+    #[tokio::test]
+    async fn a_large_local_read_arrives_whole_in_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ObjectStore::local(dir.path()).unwrap();
+        let data: Vec<u8> = (0..LOCAL_READ_CHUNK * 2 + 1000)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let mut writer = store.writer("t/large").await.unwrap();
+        writer.write(&data).await.unwrap();
+        writer.commit().await.unwrap();
+        let all = data.len() as u64;
+        assert_eq!(read_all(&store, "t/large", 0, all).await, data);
+        let across = LOCAL_READ_CHUNK as u64 - 10;
+        assert_eq!(
+            read_all(&store, "t/large", across, 200).await,
+            &data[across as usize..across as usize + 200]
+        );
+    }
+
     #[tokio::test]
     async fn local_objects_appear_only_on_commit() {
         let dir = tempfile::tempdir().unwrap();
@@ -234,15 +333,25 @@ mod tests {
         writer.write(b"world").await.unwrap();
         assert!(store.read("t/one", 0, 1).await.is_err());
         writer.commit().await.unwrap();
-        let mut text = String::new();
-        store
-            .read("t/one", 6, 5)
-            .await
-            .unwrap()
-            .read_to_string(&mut text)
-            .await
-            .unwrap();
-        assert_eq!(text, "world");
+        assert_eq!(read_all(&store, "t/one", 6, 5).await, b"world");
+        assert_eq!(read_all(&store, "t/one", 0, 11).await, b"hello world");
+        assert_eq!(read_all(&store, "t/one", 3, 0).await, b"");
+        // Past the end: the stream fails rather than ending short.
+        let mut past = store.read("t/one", 8, 10).await.unwrap();
+        let mut results = Vec::new();
+        while let Some(chunk) = futures_util::StreamExt::next(&mut past).await {
+            results.push(chunk);
+        }
+        assert!(
+            results
+                .last()
+                .unwrap()
+                .as_ref()
+                .unwrap_err()
+                .to_string()
+                .contains("ends at byte 11"),
+            "{results:?}"
+        );
 
         let mut refused = store.writer("t/two").await.unwrap();
         refused.write(b"bad").await.unwrap();

@@ -375,10 +375,7 @@ async fn serve_object(
         .metrics
         .bundle_bytes_served
         .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
-    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
-        reader,
-        256 * 1024,
-    ));
+    let body = Body::from_stream(reader);
     let mut response = Response::new(body);
     *response.status_mut() = status;
     let h = response.headers_mut();

@@ -7,7 +7,7 @@
 //! an abort discards its parts. An object smaller than one part is one `PUT` at commit. Memory per
 //! upload is the part being filled plus at most [`PARTS_IN_FLIGHT`] parts being sent.
 
-use super::{validate_key, ObjectReader};
+use super::{validate_key, ObjectStream};
 use anyhow::Context as _;
 use futures_util::TryStreamExt as _;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
@@ -273,10 +273,10 @@ impl S3Store {
         })
     }
 
-    pub async fn read(&self, key: &str, offset: u64, len: u64) -> anyhow::Result<ObjectReader> {
+    pub async fn read(&self, key: &str, offset: u64, len: u64) -> anyhow::Result<ObjectStream> {
         let path = self.path(key)?;
         if len == 0 {
-            return Ok(Box::pin(tokio::io::empty()));
+            return Ok(Box::pin(futures_util::stream::empty()));
         }
         let options = GetOptions {
             range: Some(GetRange::Bounded(offset..offset + len)),
@@ -289,10 +289,11 @@ impl S3Store {
             .await
             .map_err(flat)
             .with_context(|| format!("reading {}", self.describe(&path)))?;
-        let stream = result
-            .into_stream()
-            .map_err(|e| std::io::Error::other(e.to_string()));
-        Ok(Box::pin(tokio_util::io::StreamReader::new(stream)))
+        Ok(Box::pin(
+            result
+                .into_stream()
+                .map_err(|e| std::io::Error::other(e.to_string())),
+        ))
     }
 
     /// A presigned GET for `key` when devices are redirected, `None` when the server proxies.
@@ -512,15 +513,15 @@ mod tests {
     }
 
     async fn read_all(store: &S3Store, key: &str, offset: u64, len: u64) -> Vec<u8> {
-        let mut bytes = Vec::new();
-        store
+        use futures_util::TryStreamExt as _;
+        let chunks: Vec<bytes::Bytes> = store
             .read(key, offset, len)
             .await
             .unwrap()
-            .read_to_end(&mut bytes)
+            .try_collect()
             .await
             .unwrap();
-        bytes
+        chunks.concat()
     }
 
     fn pattern(len: usize) -> Vec<u8> {
