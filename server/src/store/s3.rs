@@ -471,7 +471,6 @@ impl Drop for S3Writer {
 mod tests {
     use super::*;
     use futures_util::StreamExt as _;
-    use tokio::io::AsyncReadExt as _;
 
     /// A store under a prefix of its own, so tests running at once never see each other's objects.
     async fn test_store(part_size: usize) -> Option<S3Store> {
