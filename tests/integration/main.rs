@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod access;
 mod agent_lifecycle;
 mod bundles;
 mod device_protocol;

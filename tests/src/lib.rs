@@ -333,6 +333,20 @@ impl Api {
         self.send(ureq::delete(&self.url(path)), None)
     }
 
+    /// Any method, with an optional JSON body.
+    pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> Reply {
+        self.send(ureq::request(method, &self.url(path)), body)
+    }
+
+    /// Any method, with raw bytes as the body.
+    pub fn call_raw(&self, method: &str, path: &str, body: &[u8]) -> Reply {
+        into_reply(
+            ureq::request(method, &self.url(path))
+                .set("authorization", &format!("Bearer {}", self.key))
+                .send_bytes(body),
+        )
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}/api/v1{path}", self.base)
     }
