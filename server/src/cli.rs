@@ -119,6 +119,39 @@ pub struct ServeArgs {
     pub rollout_interval: std::time::Duration,
     #[command(flatten)]
     pub bundle_store: BundleStoreArgs,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// Rate limits (answered with 429 and `Retry-After`) and time limits. A rate is `N/s`, `N/m` or
+/// `N/h` with an optional burst after a colon (`10/s:30`), or `off`.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Limits")]
+pub struct LimitArgs {
+    /// Requests per device (those carrying a device token).
+    #[arg(long, default_value = "10/s:30", value_name = "RATE", value_parser = crate::api::limits::parse_rate)]
+    pub rate_limit_device: crate::api::limits::RateLimit,
+    /// Requests per API key.
+    #[arg(long, default_value = "50/s:200", value_name = "RATE", value_parser = crate::api::limits::parse_rate)]
+    pub rate_limit_api_key: crate::api::limits::RateLimit,
+    /// Requests per source address without device token or API key (enrollment, /auth, probes).
+    /// Authenticated requests count against their device or key instead: sites share NAT addresses.
+    #[arg(long, default_value = "20/s:60", value_name = "RATE", value_parser = crate::api::limits::parse_rate)]
+    pub rate_limit_address: crate::api::limits::RateLimit,
+    /// Behind a reverse proxy: the client's address is the last entry of `X-Forwarded-For` (only
+    /// set this when the proxy overwrites or appends that header; clients could forge it otherwise).
+    #[arg(long)]
+    pub forwarded_for: bool,
+    /// Longest time to answer a request (503 `timeout` after it); a download's body streams on.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub request_timeout: std::time::Duration,
+    /// Longest time a bundle upload may take, body included.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub upload_timeout: std::time::Duration,
+    /// Origins allowed to call the API from a browser (CORS), e.g. `https://console.example.com`;
+    /// repeatable. None by default: the built-in console is served from the API's own origin.
+    #[arg(long, value_name = "ORIGIN")]
+    pub cors_origin: Vec<axum::http::HeaderValue>,
 }
 
 /// Where bundle files are kept. Credentials for S3 come only from the environment
@@ -449,6 +482,15 @@ async fn dispatch(db: &Db, data_dir: &std::path::Path, command: Command) -> anyh
                     device_token_ttl: args.device_token_ttl,
                     max_bundle_bytes,
                     bundle_retention: args.bundle_retention as usize,
+                    limits: crate::api::limits::LimitSettings {
+                        per_device: args.limits.rate_limit_device.0,
+                        per_api_key: args.limits.rate_limit_api_key.0,
+                        per_address: args.limits.rate_limit_address.0,
+                        request_timeout: args.limits.request_timeout,
+                        upload_timeout: args.limits.upload_timeout,
+                        forwarded_for: args.limits.forwarded_for,
+                    },
+                    cors_origins: args.limits.cors_origin,
                     ..ApiSettings::default()
                 },
                 bundle_store,

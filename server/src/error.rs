@@ -27,6 +27,15 @@ pub enum ApiError {
     UnsupportedMediaType { message: String },
     #[error("{message}")]
     RangeNotSatisfiable { message: String },
+    /// Over a rate limit (per device, per API key or per source address).
+    #[error("too many requests for this {scope}; retry after {retry_after_s} s")]
+    RateLimited {
+        scope: &'static str,
+        retry_after_s: u64,
+    },
+    /// The request took longer than the server's request time limit.
+    #[error("the request took longer than {limit_s} s; retry after {retry_after_s} s")]
+    Timeout { limit_s: u64, retry_after_s: u64 },
     /// Shedding load: the heartbeat queue is full.
     #[error("the server is overloaded; retry after {retry_after_s} s")]
     Overloaded { retry_after_s: u64 },
@@ -80,9 +89,10 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
-            ApiError::Overloaded { .. } | ApiError::DatabaseUnavailable { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Overloaded { .. }
+            | ApiError::DatabaseUnavailable { .. }
+            | ApiError::Timeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -98,6 +108,8 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::UnsupportedMediaType { .. } => "unsupported_media_type",
             ApiError::RangeNotSatisfiable { .. } => "range_not_satisfiable",
+            ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::Timeout { .. } => "timeout",
             ApiError::Overloaded { .. } => "overloaded",
             ApiError::DatabaseUnavailable { .. } => "database_unavailable",
             ApiError::Internal(_) => "internal",
@@ -107,7 +119,9 @@ impl ApiError {
     fn retry_after(&self) -> Option<u64> {
         match self {
             ApiError::Overloaded { retry_after_s }
-            | ApiError::DatabaseUnavailable { retry_after_s } => Some(*retry_after_s),
+            | ApiError::DatabaseUnavailable { retry_after_s }
+            | ApiError::RateLimited { retry_after_s, .. }
+            | ApiError::Timeout { retry_after_s, .. } => Some(*retry_after_s),
             _ => None,
         }
     }

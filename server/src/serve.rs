@@ -41,6 +41,9 @@ pub async fn serve(db: Db, options: ServeOptions) -> anyhow::Result<()> {
         db: db.clone(),
         heartbeats,
         device_tokens: DeviceTokenKey::new(&secret),
+        limiters: Arc::new(crate::api::limits::Limiters::new(
+            options.api.limits.clone(),
+        )),
         settings: options.api,
         store,
         rollouts: RolloutEngine::start(db.clone(), options.rollout_every),

@@ -8,6 +8,7 @@ mod agent_lifecycle;
 mod bundles;
 mod device_protocol;
 mod imagebuilder;
+mod limits;
 mod metrics;
 mod rest_api;
 mod rollout_resilience;

@@ -279,6 +279,10 @@ impl axum::extract::FromRequestParts<AppState> for DeviceAuth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        // Already checked by the rate limiter, which needed the device id.
+        if let Some(claims) = parts.extensions.remove::<DeviceClaims>() {
+            return Ok(DeviceAuth(claims));
+        }
         let token = bearer(parts).ok_or_else(|| {
             ApiError::unauthorized(
                 codes::INVALID_DEVICE_TOKEN,

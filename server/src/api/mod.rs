@@ -7,6 +7,7 @@ mod bundles;
 mod deployments;
 mod device;
 mod extract;
+pub mod limits;
 mod rest;
 
 use crate::db::Db;
@@ -37,6 +38,10 @@ pub struct ApiSettings {
     pub max_bundle_bytes: u64,
     /// Versions of each bundle name kept; older ones are retired unless a deployment uses them.
     pub bundle_retention: usize,
+    /// Rate and time limits.
+    pub limits: limits::LimitSettings,
+    /// Origins allowed to call the API from a browser; empty: no CORS headers at all.
+    pub cors_origins: Vec<axum::http::HeaderValue>,
 }
 
 impl Default for ApiSettings {
@@ -48,6 +53,8 @@ impl Default for ApiSettings {
             body_limit: 64 * 1024,
             max_bundle_bytes: 4 << 30,
             bundle_retention: 5,
+            limits: limits::LimitSettings::default(),
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -64,10 +71,12 @@ pub struct Shared {
     pub store: ObjectStore,
     pub rollouts: RolloutEngine,
     pub metrics: Arc<Metrics>,
+    pub limiters: Arc<limits::Limiters>,
 }
 
 impl AppState {
     pub fn new(shared: Shared) -> AppState {
+        shared.limiters.start_sweeping();
         AppState(Arc::new(shared))
     }
 }
@@ -163,12 +172,33 @@ pub fn app(state: AppState) -> Router {
                 .layer(DefaultBodyLimit::disable()),
         )
         .route(&v1("/bundles/{id}/content"), get(bundles::content))
-        // Outermost, and after routing: sees every request with its route template.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limits::limit_requests,
+        ))
+        .layer(cors(&state.settings.cors_origins))
+        // Outermost, and after routing: sees every request with its route template (refusals by
+        // the limits included).
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             record_request,
         ))
         .with_state(state)
+}
+
+/// CORS for the configured origins only; with none, no CORS headers (browsers then refuse
+/// cross-origin calls), which is what the built-in console on the same origin needs.
+fn cors(origins: &[axum::http::HeaderValue]) -> tower_http::cors::CorsLayer {
+    use axum::http::{header, Method};
+    let layer = tower_http::cors::CorsLayer::new();
+    if origins.is_empty() {
+        return layer;
+    }
+    layer
+        .allow_origin(origins.to_vec())
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+        .max_age(Duration::from_secs(600))
 }
 
 /// Every route as `(method, template)`, for the per-route metrics (a route missing here is
@@ -280,6 +310,7 @@ mod tests {
             db,
             heartbeats,
             device_tokens: DeviceTokenKey::new(b"test"),
+            limiters: Arc::new(limits::Limiters::new(ApiSettings::default().limits)),
             settings: ApiSettings::default(),
             metrics,
         }))
