@@ -20,13 +20,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub enum ClientError {
     #[error("{url}: {message}")]
     Transport { url: String, message: String },
-    #[error("{url}: HTTP {status} {code}: {message}")]
+    #[error("{url}: HTTP {status} {code}: {message} (request {request_id})")]
     Status {
         url: String,
         status: u16,
         code: String,
         message: String,
         retry_after: Option<Duration>,
+        /// The `x-request-id` this request carried: the server's log lines for it carry the same.
+        request_id: String,
     },
     #[error("{url}: unreadable response: {message}")]
     Decode { url: String, message: String },
@@ -56,6 +58,11 @@ pub struct Client {
     /// Server clock minus ours, in seconds, learned from `Date` headers: an appliance that boots with
     /// a wrong clock still signs requests the server accepts.
     clock_offset_s: Cell<i64>,
+}
+
+/// A fresh id for one request (16 hex digits), sent as `x-request-id`.
+fn new_request_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
 }
 
 impl Client {
@@ -134,11 +141,13 @@ impl Client {
             message: format!("writing the download: {e}"),
         };
         let have = file.metadata().map_err(io)?.len();
+        let request_id = new_request_id();
         let mut request = self
             .agent
             .get(&url)
             .timeout(Duration::from_secs(3600))
-            .set("authorization", &format!("Bearer {token}"));
+            .set("authorization", &format!("Bearer {token}"))
+            .set(kernex_protocol::REQUEST_ID_HEADER, &request_id);
         if have > 0 {
             request = request.set("range", &format!("bytes={have}-"));
             if let Some(etag) = etag {
@@ -151,7 +160,7 @@ impl Client {
                 // Already complete (or longer than the object): let the caller's checks decide.
                 return Ok(etag.map(str::to_owned));
             }
-            Err(e) => return Err(self.error(url.clone(), e)),
+            Err(e) => return Err(self.error(url.clone(), request_id, e)),
         };
         let etag = response.header("etag").map(str::to_owned);
         if response.status() == 200 {
@@ -179,7 +188,7 @@ impl Client {
         Ok(etag)
     }
 
-    fn error(&self, url: String, e: ureq::Error) -> ClientError {
+    fn error(&self, url: String, request_id: String, e: ureq::Error) -> ClientError {
         match e {
             ureq::Error::Status(status, response) => {
                 let retry_after = response
@@ -197,11 +206,12 @@ impl Client {
                     code,
                     message,
                     retry_after,
+                    request_id,
                 }
             }
             ureq::Error::Transport(t) => ClientError::Transport {
                 url,
-                message: t.to_string(),
+                message: format!("{t} (request {request_id})"),
             },
         }
     }
@@ -213,10 +223,12 @@ impl Client {
         decorate: impl FnOnce(ureq::Request) -> ureq::Request,
     ) -> Result<R, ClientError> {
         let url = format!("{}{}{path}", self.base, kernex_protocol::API_PREFIX);
+        let request_id = new_request_id();
         let request = decorate(
             self.agent
                 .post(&url)
-                .set("content-type", "application/json"),
+                .set("content-type", "application/json")
+                .set(kernex_protocol::REQUEST_ID_HEADER, &request_id),
         );
         match request.send_bytes(bytes) {
             Ok(response) => {
@@ -232,9 +244,9 @@ impl Client {
             }
             Err(ureq::Error::Status(status, response)) => {
                 self.learn_clock(&response);
-                Err(self.error(url, ureq::Error::Status(status, response)))
+                Err(self.error(url, request_id, ureq::Error::Status(status, response)))
             }
-            Err(e) => Err(self.error(url, e)),
+            Err(e) => Err(self.error(url, request_id, e)),
         }
     }
 

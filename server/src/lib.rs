@@ -13,16 +13,28 @@ pub mod rollout;
 pub mod serve;
 pub mod store;
 
-/// Sets up logging: `KERNEX_LOG` (an env-filter, default `info`) and `KERNEX_LOG_FORMAT=json` for
-/// one JSON object per line.
+/// Sets up logging to stderr: `KERNEX_LOG` is an env-filter (default `info`); the format is
+/// `KERNEX_LOG_FORMAT` (`json` or `text`), by default readable text on a terminal and one JSON
+/// object per line otherwise (journald, containers, files), each line with its request's span
+/// (`id`, `method`, `route`) when it was written while handling a request.
 pub fn init_logging() {
+    use std::io::IsTerminal as _;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("KERNEX_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    if std::env::var("KERNEX_LOG_FORMAT").as_deref() == Ok("json") {
-        builder.json().init();
+    let json = match std::env::var("KERNEX_LOG_FORMAT").as_deref() {
+        Ok("json") => true,
+        Ok("text") => false,
+        _ => !std::io::stderr().is_terminal(),
+    };
+    if json {
+        builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init();
     } else {
         builder.init();
     }

@@ -9,6 +9,7 @@ mod bundles;
 mod device_protocol;
 mod imagebuilder;
 mod limits;
+mod logs;
 mod metrics;
 mod rest_api;
 mod rollout_resilience;

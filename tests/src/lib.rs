@@ -153,10 +153,35 @@ pub struct Server {
     pub url: String,
     pub port: u16,
     extra: Vec<String>,
+    /// Where stderr goes when the test reads the server's log (`start_logged`).
+    log: Option<PathBuf>,
     child: Option<Child>,
 }
 
 impl Server {
+    /// Starts a server logging at `info` in its production format (JSON lines) into a file the
+    /// test reads with [`Server::log`].
+    pub fn start_logged(extra: &[&str]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let mut server = Server {
+            log: Some(dir.path().join("server.log")),
+            dir,
+            storage: Storage::for_test(),
+            bundles: BundleStore::for_test(),
+            url: String::new(),
+            port: 0,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        server.spawn(0);
+        server
+    }
+
+    /// What the server wrote to stderr (servers from `start_logged` only).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log.as_ref().expect("started with start_logged")).unwrap()
+    }
+
     /// Starts a server with a 1 s heartbeat interval on a free loopback port.
     pub fn start() -> Server {
         Server::start_with(&["--heartbeat-interval", "1s"])
@@ -175,6 +200,7 @@ impl Server {
             url: String::new(),
             port: 0,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            log: None,
             child: None,
         };
         server.spawn(0);
@@ -204,6 +230,7 @@ impl Server {
             url: String::new(),
             port: 0,
             extra: self.extra.clone(),
+            log: None,
             child: None,
         };
         replica.spawn(0);
@@ -215,9 +242,20 @@ impl Server {
         cmd.args(self.storage.args(&self.data_dir()))
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
             .args(&self.extra)
-            .env("KERNEX_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stdout(Stdio::piped());
+        match &self.log {
+            Some(path) => {
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .unwrap();
+                cmd.env("KERNEX_LOG", "info").stderr(file);
+            }
+            None => {
+                cmd.env("KERNEX_LOG", "warn").stderr(Stdio::inherit());
+            }
+        }
         if let BundleStore::S3(bucket) = &self.bundles {
             cmd.args(bucket.serve_args()).envs(bucket.env());
         }

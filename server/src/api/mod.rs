@@ -244,25 +244,57 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/metrics"),
 ];
 
-/// Times each request into its route's histogram.
+/// Outermost: gives the request an id (the caller's `x-request-id` when it is sane, a fresh one
+/// otherwise), runs it inside a `request` span carrying that id (so every log line written while
+/// handling it names it, down to the database errors), answers with the id in `x-request-id`,
+/// times it into its route's histogram, and logs refusals and failures.
 async fn record_request(
     axum::extract::State(state): axum::extract::State<AppState>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
+    use tracing::Instrument as _;
     let started = std::time::Instant::now();
     let method = request.method().clone();
     let route = request
         .extensions()
         .get::<axum::extract::MatchedPath>()
         .cloned();
-    let response = next.run(request).await;
+    let id = request
+        .headers()
+        .get(kernex_protocol::REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            (1..=64).contains(&v.len())
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        })
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()));
+    let route_name = route.as_ref().map_or("unmatched", |r| r.as_str());
+    let span = tracing::info_span!("request", id = %id, method = %method, route = route_name);
+    let mut response = next.run(request).instrument(span.clone()).await;
+    let elapsed = started.elapsed();
+    let status = response.status().as_u16();
     state.metrics.request(
         method.as_str(),
         route.as_ref().map(|r| r.as_str()),
-        response.status().as_u16(),
-        started.elapsed(),
+        status,
+        elapsed,
     );
+    span.in_scope(|| {
+        let ms = elapsed.as_secs_f64() * 1000.0;
+        match status {
+            500.. => tracing::error!(status, ms, "request failed"),
+            401 | 403 => tracing::info!(status, ms, "request refused"),
+            _ => tracing::debug!(status, ms, "request done"),
+        }
+    });
+    if let Ok(value) = axum::http::HeaderValue::from_str(&id) {
+        response
+            .headers_mut()
+            .insert(kernex_protocol::REQUEST_ID_HEADER, value);
+    }
     response
 }
 
