@@ -36,6 +36,9 @@ pub enum ApiError {
     /// The request took longer than the server's request time limit.
     #[error("the request took longer than {limit_s} s; retry after {retry_after_s} s")]
     Timeout { limit_s: u64, retry_after_s: u64 },
+    /// Up, but not able to serve yet (e.g. the schema is behind this binary).
+    #[error("{message}")]
+    NotReady { message: String },
     /// Shedding load: the heartbeat queue is full.
     #[error("the server is overloaded; retry after {retry_after_s} s")]
     Overloaded { retry_after_s: u64 },
@@ -92,7 +95,8 @@ impl ApiError {
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Overloaded { .. }
             | ApiError::DatabaseUnavailable { .. }
-            | ApiError::Timeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | ApiError::Timeout { .. }
+            | ApiError::NotReady { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -110,6 +114,7 @@ impl ApiError {
             ApiError::RangeNotSatisfiable { .. } => "range_not_satisfiable",
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::Timeout { .. } => "timeout",
+            ApiError::NotReady { .. } => "not_ready",
             ApiError::Overloaded { .. } => "overloaded",
             ApiError::DatabaseUnavailable { .. } => "database_unavailable",
             ApiError::Internal(_) => "internal",
@@ -122,6 +127,7 @@ impl ApiError {
             | ApiError::DatabaseUnavailable { retry_after_s }
             | ApiError::RateLimited { retry_after_s, .. }
             | ApiError::Timeout { retry_after_s, .. } => Some(*retry_after_s),
+            ApiError::NotReady { .. } => Some(10),
             _ => None,
         }
     }

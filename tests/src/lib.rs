@@ -12,6 +12,7 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod bundle;
+pub mod postgres;
 pub mod proxy;
 mod s3;
 
@@ -68,8 +69,9 @@ pub enum Storage {
         url: String,
         name: String,
     },
-    /// Another server's database and data directory, owned by that server.
-    Replica {
+    /// A database and data directory owned by someone else: another server (a replica), or a
+    /// test's own PostgreSQL.
+    External {
         url: String,
         data_dir: PathBuf,
     },
@@ -93,7 +95,7 @@ impl Storage {
 
     fn args(&self, data_dir: &Path) -> Vec<String> {
         let mut args = vec!["--data-dir".to_owned(), data_dir.display().to_string()];
-        if let Storage::Postgres { url, .. } | Storage::Replica { url, .. } = self {
+        if let Storage::Postgres { url, .. } | Storage::External { url, .. } = self {
             args.extend(["--database".to_owned(), url.clone()]);
         }
         args
@@ -182,6 +184,27 @@ impl Server {
         std::fs::read_to_string(self.log.as_ref().expect("started with start_logged")).unwrap()
     }
 
+    /// Starts a server on the PostgreSQL database at `url` (e.g. a [`postgres::PrivatePostgres`]),
+    /// with `serve` options `extra`.
+    pub fn start_on_database(url: &str, extra: &[&str]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let mut server = Server {
+            storage: Storage::External {
+                url: url.to_owned(),
+                data_dir: dir.path().join("data"),
+            },
+            dir,
+            bundles: BundleStore::Local,
+            url: String::new(),
+            port: 0,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            log: None,
+            child: None,
+        };
+        server.spawn(0);
+        server
+    }
+
     /// Starts a server with a 1 s heartbeat interval on a free loopback port.
     pub fn start() -> Server {
         Server::start_with(&["--heartbeat-interval", "1s"])
@@ -209,7 +232,7 @@ impl Server {
 
     pub fn data_dir(&self) -> PathBuf {
         match &self.storage {
-            Storage::Replica { data_dir, .. } => data_dir.clone(),
+            Storage::External { data_dir, .. } => data_dir.clone(),
             _ => self.dir.path().join("data"),
         }
     }
@@ -222,7 +245,7 @@ impl Server {
         };
         let mut replica = Server {
             dir: tempfile::tempdir().unwrap(),
-            storage: Storage::Replica {
+            storage: Storage::External {
                 url: url.clone(),
                 data_dir: self.data_dir(),
             },

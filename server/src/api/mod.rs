@@ -272,7 +272,9 @@ async fn record_request(
         .map(str::to_owned)
         .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()));
     let route_name = route.as_ref().map_or("unmatched", |r| r.as_str());
-    let span = tracing::info_span!("request", id = %id, method = %method, route = route_name);
+    // At error level so the span (and the id in it) exists whatever KERNEX_LOG lets through: an
+    // operator running at `warn` still finds the request of every warning and error.
+    let span = tracing::error_span!("request", id = %id, method = %method, route = route_name);
     let mut response = next.run(request).instrument(span.clone()).await;
     let elapsed = started.elapsed();
     let status = response.status().as_u16();
@@ -285,6 +287,8 @@ async fn record_request(
     span.in_scope(|| {
         let ms = elapsed.as_secs_f64() * 1000.0;
         match status {
+            // Shedding load or waiting out the database: degraded, not broken.
+            503 => tracing::warn!(status, ms, "request not served"),
             500.. => tracing::error!(status, ms, "request failed"),
             401 | 403 => tracing::info!(status, ms, "request refused"),
             _ => tracing::debug!(status, ms, "request done"),

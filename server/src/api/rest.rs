@@ -20,14 +20,19 @@ pub async fn healthz() -> &'static str {
     "ok"
 }
 
-/// Ready when the database answers.
+/// Ready when the database answers and has every migration this binary carries.
 pub async fn readyz(State(state): State<AppState>) -> ApiResult<Json<Value>> {
-    if state.db.ping().await {
-        Ok(Json(
+    match state.db.readiness().await {
+        Ok(()) => Ok(Json(
             json!({"status": "ready", "database": state.db.backend()}),
-        ))
-    } else {
-        Err(ApiError::DatabaseUnavailable { retry_after_s: 5 })
+        )),
+        Err(crate::db::NotReady::Unreachable(why)) => {
+            tracing::warn!(error = %why, "not ready: the database does not answer");
+            Err(ApiError::DatabaseUnavailable { retry_after_s: 5 })
+        }
+        Err(behind) => Err(ApiError::NotReady {
+            message: behind.to_string(),
+        }),
     }
 }
 

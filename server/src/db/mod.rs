@@ -22,6 +22,15 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
+/// Why [`Db::readiness`] says no.
+#[derive(Debug, thiserror::Error)]
+pub enum NotReady {
+    #[error("the database does not answer: {0}")]
+    Unreachable(String),
+    #[error("the database schema is at migration {applied}, this server needs {needed}")]
+    SchemaBehind { applied: i64, needed: i64 },
+}
+
 /// A connection pool to whichever backend the operator chose.
 #[derive(Debug, Clone)]
 pub enum Db {
@@ -89,12 +98,31 @@ impl Db {
         Ok(db)
     }
 
-    async fn migrate(&self) -> anyhow::Result<()> {
+    fn migrator(&self) -> sqlx::migrate::Migrator {
         match self {
-            Db::Sqlite(pool) => sqlx::migrate!("migrations/sqlite").run(pool).await,
-            Db::Postgres(pool) => sqlx::migrate!("migrations/postgres").run(pool).await,
+            Db::Sqlite(_) => sqlx::migrate!("migrations/sqlite"),
+            Db::Postgres(_) => sqlx::migrate!("migrations/postgres"),
         }
-        .context("running database migrations")
+    }
+
+    async fn migrate(&self) -> anyhow::Result<()> {
+        let migrator = self.migrator();
+        with_pool!(self, pool => migrator.run(pool).await).context("running database migrations")
+    }
+
+    /// Whether this server can serve: the database answers, and its schema has every migration
+    /// this binary carries (another replica may be mid-upgrade, or someone restored an old dump).
+    pub async fn readiness(&self) -> Result<(), NotReady> {
+        let needed = self.migrator().iter().map(|m| m.version).max().unwrap_or(0);
+        let applied: Option<i64> = with_pool!(self, pool => sqlx::query_scalar(
+            "SELECT MAX(version) FROM _sqlx_migrations WHERE success")
+            .fetch_one(pool)
+            .await)
+        .map_err(|e| NotReady::Unreachable(e.to_string()))?;
+        match applied.unwrap_or(0) {
+            applied if applied < needed => Err(NotReady::SchemaBehind { applied, needed }),
+            _ => Ok(()),
+        }
     }
 
     pub fn backend(&self) -> &'static str {
@@ -102,11 +130,6 @@ impl Db {
             Db::Sqlite(_) => "sqlite",
             Db::Postgres(_) => "postgres",
         }
-    }
-
-    /// True when the database answers a trivial query.
-    pub async fn ping(&self) -> bool {
-        with_pool!(self, pool => sqlx::query("SELECT 1").execute(pool).await.is_ok())
     }
 
     pub async fn close(&self) {
@@ -211,6 +234,33 @@ mod tests {
             redact_url("postgres://localhost/db"),
             "postgres://localhost/db"
         );
+    }
+
+    #[tokio::test]
+    async fn readiness_needs_every_migration() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(None, dir.path()).await.unwrap();
+        assert!(db.readiness().await.is_ok());
+        // As if an old dump had been restored under this binary.
+        with_pool!(&db, pool => sqlx::query(
+            "DELETE FROM _sqlx_migrations WHERE version = (SELECT MAX(version) FROM _sqlx_migrations)")
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected()))
+        .unwrap();
+        let needed = db.migrator().iter().map(|m| m.version).max().unwrap();
+        assert_eq!(
+            db.readiness().await.unwrap_err().to_string(),
+            format!(
+                "the database schema is at migration {}, this server needs {needed}",
+                needed - 1
+            )
+        );
+        db.close().await;
+        assert!(matches!(
+            db.readiness().await,
+            Err(NotReady::Unreachable(_))
+        ));
     }
 
     #[test]
