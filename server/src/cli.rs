@@ -117,6 +117,10 @@ pub struct ServeArgs {
     /// How often the rollout engine checks running deployments when nothing wakes it earlier.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub rollout_interval: std::time::Duration,
+    /// Wait before retrying a failed webhook delivery; doubled after each further failure (at most
+    /// an hour, ±20 % jitter), given up after 10 attempts.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub webhook_retry_base: std::time::Duration,
     #[command(flatten)]
     pub bundle_store: BundleStoreArgs,
     #[command(flatten)]
@@ -495,6 +499,7 @@ async fn dispatch(db: &Db, data_dir: &std::path::Path, command: Command) -> anyh
                 },
                 bundle_store,
                 rollout_every: args.rollout_interval,
+                webhook_retry_base: args.webhook_retry_base,
             };
             serve(db.clone(), options).await
         }

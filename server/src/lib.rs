@@ -12,6 +12,7 @@ pub mod preauthorize;
 pub mod rollout;
 pub mod serve;
 pub mod store;
+pub mod webhooks;
 
 /// Sets up logging to stderr: `KERNEX_LOG` is an env-filter (default `info`); the format is
 /// `KERNEX_LOG_FORMAT` (`json` or `text`), by default readable text on a terminal and one JSON

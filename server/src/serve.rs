@@ -26,6 +26,8 @@ pub struct ServeOptions {
     pub bundle_store: StoreConfig,
     /// How often the rollout engine looks at running deployments when nothing wakes it.
     pub rollout_every: Duration,
+    /// Wait after a webhook delivery's first failure (doubled after each further one).
+    pub webhook_retry_base: Duration,
 }
 
 pub async fn serve(db: Db, options: ServeOptions) -> anyhow::Result<()> {
@@ -37,6 +39,14 @@ pub async fn serve(db: Db, options: ServeOptions) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new(crate::api::ROUTES.iter().copied()));
     let heartbeats = HeartbeatWriter::start(&db, WriterConfig::default(), metrics.clone())
         .context("starting the heartbeat writer")?;
+    crate::webhooks::start(
+        db.clone(),
+        crate::webhooks::WebhookSettings {
+            retry_base: options.webhook_retry_base,
+            every: Duration::from_secs(1),
+            offline_after: options.api.offline_after,
+        },
+    );
     let state = AppState::new(Shared {
         db: db.clone(),
         heartbeats,

@@ -27,7 +27,8 @@ fn needs(method: &str, route: &str) -> Needs {
     match (method, route.trim_start_matches("/api/v1")) {
         ("GET", "/healthz" | "/readyz" | "/metrics") => Public,
         ("POST", "/enroll" | "/auth" | "/heartbeat" | "/deployments/{id}/status") => Device,
-        ("GET", _) if route.ends_with("/apikeys") => Admin,
+        ("GET", _) if route.ends_with("/apikeys") || route.contains("/webhooks") => Admin,
+        ("POST", "/webhooks") | ("DELETE", "/webhooks/{id}") => Admin,
         ("GET", _) => Viewer,
         ("POST", "/tokens" | "/tokens/{id}/revoke" | "/apikeys" | "/apikeys/{id}/revoke") => Admin,
         ("POST", "/publisher-keys" | "/publisher-keys/{id}/revoke") => Admin,
@@ -47,6 +48,7 @@ struct Objects {
     publisher_key: String,
     bundle: String,
     deployment: String,
+    webhook: String,
     /// A packed bundle (a newer version) and a publisher key (PEM) that are valid to upload.
     new_bundle: Vec<u8>,
     new_publisher_key: Vec<u8>,
@@ -67,6 +69,8 @@ impl Objects {
             &self.bundle
         } else if route.starts_with("/deployments/") {
             &self.deployment
+        } else if route.starts_with("/webhooks/") {
+            &self.webhook
         } else {
             ""
         };
@@ -84,6 +88,11 @@ impl Objects {
             ("POST", "/publisher-keys") => api.call_raw("POST", &path, &self.new_publisher_key),
             ("POST", "/tokens") => api.call("POST", &path, Some(json!({"uses": 1}))),
             ("POST", "/apikeys") => api.call("POST", &path, Some(json!({"role": "viewer"}))),
+            ("POST", "/webhooks") => api.call(
+                "POST",
+                &path,
+                Some(json!({"url": "http://127.0.0.1:9/hook", "events": ["device.offline"]})),
+            ),
             ("POST", "/deployments") => api.call(
                 "POST",
                 &path,
@@ -100,8 +109,9 @@ impl Objects {
         }
     }
 
-    fn ids(&self) -> [&str; 7] {
+    fn ids(&self) -> [&str; 8] {
         [
+            &self.webhook,
             &self.token,
             &self.spare_key,
             &self.device,
@@ -126,6 +136,8 @@ fn snapshot(admin: &Api, objects: &Objects) -> Value {
         "/bundles".to_owned(),
         "/deployments".to_owned(),
         format!("/deployments/{}", objects.deployment),
+        "/webhooks".to_owned(),
+        format!("/webhooks/{}/deliveries", objects.webhook),
         "/audit".to_owned(),
     ] {
         let (status, body) = admin.get(&path);
@@ -177,6 +189,10 @@ fn every_endpoint_refuses_other_tenants_lower_roles_and_anonymous_callers() {
     let publisher_key = keys[0]["id"].as_str().unwrap().to_owned();
     let bundle = acme.bundle("1.0.0", 64);
     let deployment = acme.deploy(json!({"bundle": bundle, "devices": [device]}));
+    let webhook = created(admin.post(
+        "/webhooks",
+        json!({"url": "http://127.0.0.1:9/hook", "events": ["device.offline"]}),
+    ));
     let (new_key, new_public) = keygen(acme.work.path(), "second");
     drop(new_key);
     let objects = Objects {
@@ -187,6 +203,7 @@ fn every_endpoint_refuses_other_tenants_lower_roles_and_anonymous_callers() {
         publisher_key,
         bundle,
         deployment: deployment.clone(),
+        webhook,
         new_bundle: std::fs::read(pack_with(
             acme.work.path(),
             &acme.key,

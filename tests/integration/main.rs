@@ -17,6 +17,7 @@ mod rollout_resilience;
 mod self_update;
 mod tls;
 mod vm_link;
+mod webhooks;
 
 use kernex_protocol::wire::{EnrollRequest, Facts};
 use kernex_protocol::DeviceKey;

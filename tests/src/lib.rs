@@ -14,6 +14,7 @@
 pub mod bundle;
 pub mod postgres;
 pub mod proxy;
+pub mod receiver;
 mod s3;
 
 pub use s3::{S3Bucket, S3Tap, TappedRequest};
@@ -375,6 +376,14 @@ pub struct Api {
 pub type Reply = (u16, Value);
 
 impl Api {
+    /// The same key against another server (a replica).
+    pub fn at(&self, base: &str) -> Api {
+        Api {
+            base: base.to_owned(),
+            key: self.key.clone(),
+        }
+    }
+
     pub fn with_key(&self, key: &str) -> Api {
         Api {
             base: self.base.clone(),

@@ -185,6 +185,13 @@ pub async fn enroll(
                 json!({"hardware_id": request.hardware_id, "key_fingerprint": fingerprint}),
             )
             .await;
+            crate::db::webhooks::emit(
+                &state.db,
+                &tenant.id,
+                "device.enrolled",
+                json!({"device_id": id, "hardware_id": request.hardware_id}),
+            )
+            .await;
             tracing::info!(device = %id, tenant = %tenant.name, "device enrolled");
             (id, StatusCode::CREATED)
         }

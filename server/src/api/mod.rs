@@ -9,6 +9,7 @@ mod device;
 mod extract;
 pub mod limits;
 mod rest;
+mod webhooks;
 
 use crate::db::Db;
 use crate::device_token::DeviceTokenKey;
@@ -148,6 +149,12 @@ pub fn app(state: AppState) -> Router {
             &v1("/devices/{id}/labels"),
             axum::routing::put(deployments::put_labels),
         )
+        .route(&v1("/webhooks"), get(webhooks::list).post(webhooks::create))
+        .route(
+            &v1("/webhooks/{id}"),
+            axum::routing::delete(webhooks::delete),
+        )
+        .route(&v1("/webhooks/{id}/deliveries"), get(webhooks::deliveries))
         .route("/healthz", get(rest::healthz))
         .route("/readyz", get(rest::readyz))
         .route("/metrics", get(rest::metrics))
@@ -239,6 +246,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/api/v1/deployments/{id}/cancel"),
     ("POST", "/api/v1/deployments/{id}/rollback"),
     ("POST", "/api/v1/deployments/{id}/status"),
+    ("GET", "/api/v1/webhooks"),
+    ("POST", "/api/v1/webhooks"),
+    ("DELETE", "/api/v1/webhooks/{id}"),
+    ("GET", "/api/v1/webhooks/{id}/deliveries"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),

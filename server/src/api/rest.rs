@@ -327,6 +327,13 @@ pub async fn deregister_device(
             json!({}),
         )
         .await;
+        crate::db::webhooks::emit(
+            &state.db,
+            &principal.tenant_id,
+            "device.deregistered",
+            json!({"device_id": id, "by": principal.actor()}),
+        )
+        .await;
     }
     let device = device_of(&state, &principal, &id).await?;
     Ok(Json(json!(

@@ -432,6 +432,9 @@ pub async fn act(
         if changed == 1 && action == Action::Cancel {
             // Devices not started never start; devices in flight hear of it in their next report.
             cancel_pending!(tx, id, "", now);
+            let data = serde_json::json!({"deployment_id": id, "bundle_id": deployment.bundle_id,
+                "state": "cancelled", "message": "cancelled by an operator"});
+            crate::db::webhooks::enqueue_event!(&mut *tx, tenant_id, "deployment.finished", data, now)?;
         }
         tx.commit().await?;
         Ok::<_, sqlx::Error>(changed)
@@ -554,6 +557,9 @@ pub async fn step(db: &Db, id: &str) -> Result<bool, sqlx::Error> {
             if *state == "halted" {
                 cancel_pending!(tx, id, "the deployment halted", now);
             }
+            let data = serde_json::json!({"deployment_id": id, "bundle_id": deployment.bundle_id,
+                "state": state, "message": message});
+            crate::db::webhooks::enqueue_event!(&mut *tx, &deployment.tenant_id, "deployment.finished", data, now)?;
             tx.commit().await?;
             return Ok(true);
         }
