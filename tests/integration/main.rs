@@ -5,6 +5,7 @@
 
 mod access;
 mod agent_lifecycle;
+mod audit;
 mod bundles;
 mod database_outage;
 mod device_protocol;

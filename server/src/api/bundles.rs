@@ -85,13 +85,14 @@ pub async fn revoke_publisher_key(
             format!("no active publisher key `{id}`"),
         ));
     }
-    audit::record(
+    audit::record_change(
         &state.db,
         Some(&principal.tenant_id),
         &principal.actor(),
         "publisher_key.revoked",
         &id,
-        json!({}),
+        json!({"revoked": false}),
+        json!({"revoked": true}),
     )
     .await;
     Ok(Json(json!({"id": id, "revoked": true})))

@@ -197,6 +197,9 @@ async fn act(
     action: Action,
 ) -> ApiResult<Json<Value>> {
     principal.require(Role::Operator)?;
+    let before = deployments::get(&state.db, &principal.tenant_id, &id)
+        .await?
+        .ok_or_else(|| unknown_deployment(&id))?;
     let deployment = deployments::act(&state.db, &principal.tenant_id, &id, action)
         .await?
         .ok_or_else(|| unknown_deployment(&id))?;
@@ -205,13 +208,14 @@ async fn act(
         Action::Resume => "deployment.resumed",
         Action::Cancel => "deployment.cancelled",
     };
-    audit::record(
+    audit::record_change(
         &state.db,
         Some(&principal.tenant_id),
         &principal.actor(),
         name,
         &id,
-        json!({}),
+        json!({"state": before.state}),
+        json!({"state": deployment.state}),
     )
     .await;
     state.rollouts.wake();
@@ -373,19 +377,23 @@ pub async fn put_labels(
             ));
         }
     }
+    let unknown = || ApiError::not_found("unknown_device", format!("no device `{id}`"));
+    let before = devices::in_tenant(&state.db, &principal.tenant_id, &id)
+        .await?
+        .ok_or_else(unknown)?
+        .view(crate::db::now_ms(), state.settings.offline_after)
+        .labels;
     if !devices::set_labels(&state.db, &principal.tenant_id, &id, &body.labels).await? {
-        return Err(ApiError::not_found(
-            "unknown_device",
-            format!("no device `{id}`"),
-        ));
+        return Err(unknown());
     }
-    audit::record(
+    audit::record_change(
         &state.db,
         Some(&principal.tenant_id),
         &principal.actor(),
         "device.labelled",
         &id,
-        json!(body.labels),
+        json!({"labels": before}),
+        json!({"labels": body.labels}),
     )
     .await;
     Ok(Json(json!({"id": id, "labels": body.labels})))

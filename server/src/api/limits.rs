@@ -222,7 +222,7 @@ impl Limiters {
 }
 
 /// The client's address: the TCP peer, or the last `X-Forwarded-For` entry when configured.
-fn client_address(request: &Request, forwarded_for: bool) -> Option<IpAddr> {
+pub fn client_address(request: &Request, forwarded_for: bool) -> Option<IpAddr> {
     if forwarded_for {
         let forwarded = request
             .headers()

@@ -255,6 +255,26 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/metrics"),
 ];
 
+/// What the code serving a request may want to know about it without being handed it (the audit
+/// trail records where a change came from).
+#[derive(Debug, Clone)]
+pub struct RequestContext {
+    pub id: String,
+    /// The client's address (see `limits::client_address`), or `unknown`.
+    pub source: String,
+}
+
+tokio::task_local! {
+    static REQUEST_CONTEXT: RequestContext;
+}
+
+impl RequestContext {
+    /// The context of the request this task serves, if it serves one.
+    pub fn current() -> Option<RequestContext> {
+        REQUEST_CONTEXT.try_with(Clone::clone).ok()
+    }
+}
+
 /// Outermost: gives the request an id (the caller's `x-request-id` when it is sane, a fresh one
 /// otherwise), runs it inside a `request` span carrying that id (so every log line written while
 /// handling it names it, down to the database errors), answers with the id in `x-request-id`,
@@ -286,7 +306,14 @@ async fn record_request(
     // At error level so the span (and the id in it) exists whatever KERNEX_LOG lets through: an
     // operator running at `warn` still finds the request of every warning and error.
     let span = tracing::error_span!("request", id = %id, method = %method, route = route_name);
-    let mut response = next.run(request).instrument(span.clone()).await;
+    let context = RequestContext {
+        id: id.clone(),
+        source: limits::client_address(&request, state.settings.limits.forwarded_for)
+            .map_or_else(|| "unknown".to_owned(), |a| a.to_string()),
+    };
+    let mut response = REQUEST_CONTEXT
+        .scope(context, next.run(request).instrument(span.clone()))
+        .await;
     let elapsed = started.elapsed();
     let status = response.status().as_u16();
     state.metrics.request(

@@ -173,14 +173,19 @@ pub async fn revoke_token(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     principal.require(Role::Admin)?;
+    let before = tokens::bootstrap_token(&state.db, &principal.tenant_id, &id)
+        .await?
+        .map(|t| t.view());
     let row = tokens::revoke_bootstrap_token(&state.db, &principal.tenant_id, &id).await?;
-    audit::record(
+    let after = row.view();
+    audit::record_change(
         &state.db,
         Some(&principal.tenant_id),
         &principal.actor(),
         "token.revoked",
         &id,
-        json!({}),
+        json!({"state": before.as_ref().map(|b| b.state), "revoked_at": before.and_then(|b| b.revoked_at)}),
+        json!({"state": after.state, "revoked_at": after.revoked_at}),
     )
     .await;
     Ok(Json(json!(row.view())))
@@ -247,13 +252,14 @@ pub async fn revoke_api_key(
         ));
     }
     if tokens::revoke_api_key(&state.db, &principal.tenant_id, &id).await? {
-        audit::record(
+        audit::record_change(
             &state.db,
             Some(&principal.tenant_id),
             &principal.actor(),
             "apikey.revoked",
             &id,
-            json!({}),
+            json!({"revoked": false}),
+            json!({"revoked": true}),
         )
         .await;
     }
@@ -316,15 +322,18 @@ pub async fn deregister_device(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     principal.require(Role::Operator)?;
-    device_of(&state, &principal, &id).await?;
+    let before = device_of(&state, &principal, &id)
+        .await?
+        .view(now_ms(), state.settings.offline_after);
     if devices::deregister(&state.db, &principal.tenant_id, &id).await? {
-        audit::record(
+        audit::record_change(
             &state.db,
             Some(&principal.tenant_id),
             &principal.actor(),
             "device.deregistered",
             &id,
-            json!({}),
+            json!({"status": before.status}),
+            json!({"status": "deregistered"}),
         )
         .await;
         crate::db::webhooks::emit(
@@ -420,19 +429,127 @@ pub async fn get_command(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditQuery {
+    /// At most this many events (default 100; up to 1000, or 100000 for ndjson/csv exports).
     #[serde(default)]
     limit: Option<i64>,
+    /// RFC 3339 times: events at or after `since`, before `until`.
+    #[serde(default)]
+    since: Option<String>,
+    #[serde(default)]
+    until: Option<String>,
+    /// An action (`token.revoked`) or a family (`token`).
+    #[serde(default)]
+    action: Option<String>,
+    #[serde(default)]
+    actor: Option<String>,
+    #[serde(default)]
+    subject: Option<String>,
+    /// Events older than this event id (the next page).
+    #[serde(default)]
+    before: Option<i64>,
+    /// `json` (default), `ndjson` or `csv`.
+    #[serde(default)]
+    format: Option<String>,
 }
 
+fn parse_time(name: &str, value: Option<&str>) -> ApiResult<Option<i64>> {
+    value
+        .map(|v| {
+            time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339)
+                .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
+                .map_err(|e| {
+                    ApiError::bad_request(
+                        "invalid_query",
+                        format!("{name} {v:?} is not an RFC 3339 time ({e})"),
+                    )
+                })
+        })
+        .transpose()
+}
+
+/// `GET /api/v1/audit`: the tenant's audit trail, filtered, as JSON or exported as NDJSON or CSV.
 pub async fn list_audit(
     State(state): State<AppState>,
     principal: Principal,
     ApiQuery(q): ApiQuery<AuditQuery>,
-) -> ApiResult<Json<Value>> {
-    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-    let rows = audit::list(&state.db, &principal.tenant_id, limit).await?;
-    Ok(Json(json!(rows
-        .iter()
-        .map(|e| e.view())
-        .collect::<Vec<_>>())))
+) -> ApiResult<axum::response::Response> {
+    let format = q.format.as_deref().unwrap_or("json");
+    let max = match format {
+        "json" => 1000,
+        "ndjson" | "csv" => 100_000,
+        other => {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("format {other:?}: expected json, ndjson or csv"),
+            ))
+        }
+    };
+    let filter = audit::Filter {
+        since_ms: parse_time("since", q.since.as_deref())?,
+        until_ms: parse_time("until", q.until.as_deref())?,
+        action: q.action,
+        actor: q.actor,
+        subject: q.subject,
+        before_id: q.before,
+        limit: q.limit.unwrap_or(100).clamp(1, max),
+    };
+    let rows = audit::list(&state.db, &principal.tenant_id, &filter).await?;
+    let views: Vec<_> = rows.iter().map(|e| e.view()).collect();
+    let (content_type, body) = match format {
+        "ndjson" => (
+            "application/x-ndjson",
+            views
+                .iter()
+                .map(|v| json!(v).to_string() + "\n")
+                .collect::<String>(),
+        ),
+        "csv" => ("text/csv; charset=utf-8", audit_csv(&views)),
+        _ => return Ok(Json(json!(views)).into_response()),
+    };
+    Ok((
+        [
+            (axum::http::header::CONTENT_TYPE, content_type),
+            (
+                axum::http::header::CONTENT_DISPOSITION,
+                if format == "csv" {
+                    "attachment; filename=\"kernex-audit.csv\""
+                } else {
+                    "attachment; filename=\"kernex-audit.ndjson\""
+                },
+            ),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+/// RFC 4180 CSV: a header line, JSON columns as JSON text, fields quoted when they need it.
+fn audit_csv(views: &[audit::AuditEventView]) -> String {
+    fn field(text: &str) -> String {
+        if text.contains([',', '"', '\n', '\r']) {
+            format!("\"{}\"", text.replace('"', "\"\""))
+        } else {
+            text.to_owned()
+        }
+    }
+    let json_or_empty = |v: &Option<Value>| v.as_ref().map_or(String::new(), Value::to_string);
+    let mut out =
+        String::from("id,at,actor,action,subject,source,request_id,detail,before,after\r\n");
+    for v in views {
+        let row = [
+            v.id.to_string(),
+            v.at.clone(),
+            v.actor.clone(),
+            v.action.clone(),
+            v.subject.clone(),
+            v.source.clone(),
+            v.request_id.clone().unwrap_or_default(),
+            v.detail.to_string(),
+            json_or_empty(&v.before),
+            json_or_empty(&v.after),
+        ];
+        out += &row.iter().map(|f| field(f)).collect::<Vec<_>>().join(",");
+        out += "\r\n";
+    }
+    out
 }

@@ -107,16 +107,20 @@ pub async fn delete(
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     principal.require(Role::Admin)?;
+    let before = webhooks::get(&state.db, &principal.tenant_id, &id)
+        .await?
+        .ok_or_else(|| unknown_webhook(&id))?;
     if !webhooks::delete(&state.db, &principal.tenant_id, &id).await? {
         return Err(unknown_webhook(&id));
     }
-    audit::record(
+    audit::record_change(
         &state.db,
         Some(&principal.tenant_id),
         &principal.actor(),
         "webhook.deleted",
         &id,
-        json!({}),
+        json!(before.view()),
+        json!(null),
     )
     .await;
     Ok(StatusCode::NO_CONTENT)
