@@ -99,6 +99,11 @@ pub struct ServeArgs {
     /// PEM private key for HTTPS (needs --tls-cert).
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Serve plain HTTP on a non-loopback address (behind a proxy that terminates TLS). Without it,
+    /// such a --listen needs --tls-cert and --tls-key: bootstrap and device tokens must not travel
+    /// unencrypted by accident. Loopback addresses may always serve plain HTTP.
+    #[arg(long, conflicts_with = "tls_cert")]
+    pub plain_http: bool,
     /// Heartbeat interval suggested to agents.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub heartbeat_interval: std::time::Duration,
@@ -473,6 +478,12 @@ fn write_private(path: &std::path::Path, data: &[u8]) -> anyhow::Result<()> {
 async fn dispatch(db: &Db, data_dir: &std::path::Path, command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve(args) => {
+            anyhow::ensure!(
+                args.tls_cert.is_some() || args.plain_http || args.listen.ip().is_loopback(),
+                "refusing to serve plain HTTP on {}: give --tls-cert and --tls-key, or --plain-http \
+                 when a proxy in front terminates TLS",
+                args.listen
+            );
             let max_bundle_bytes = args.max_bundle_mib << 20;
             let bundle_store = args
                 .bundle_store

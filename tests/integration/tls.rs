@@ -102,3 +102,46 @@ fn pki_stranger() -> String {
     params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     params.self_signed(&key).unwrap().pem()
 }
+
+#[test]
+fn plain_http_off_loopback_must_be_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(kernex_tests::binary("kernex-server"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["serve", "--listen", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("refusing to serve plain HTTP on 0.0.0.0:0") && stderr.contains("--plain-http"),
+        "{stderr}"
+    );
+    // Asked for: it serves, with a warning.
+    let mut child = std::process::Command::new(kernex_tests::binary("kernex-server"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["serve", "--listen", "0.0.0.0:0", "--plain-http"])
+        .env("KERNEX_LOG_FORMAT", "json")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let port = line.split(':').nth(2).unwrap().split(' ').next().unwrap();
+    let status = ureq::get(&format!("http://127.0.0.1:{port}/healthz"))
+        .call()
+        .unwrap()
+        .status();
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(status, 200, "{line}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("serving plain HTTP on a non-loopback address"), "{stderr}");
+}
