@@ -7,7 +7,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    kernex_server::init_logging();
+    let _traces = kernex_server::init_logging();
     let cli = kernex_server::cli::Cli::parse();
     match kernex_server::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -17,6 +17,7 @@ mod rest_api;
 mod rollout_resilience;
 mod self_update;
 mod tls;
+mod traces;
 mod vm_link;
 mod webhooks;
 

@@ -115,7 +115,8 @@ fn plain_http_off_loopback_must_be_asked_for() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("refusing to serve plain HTTP on 0.0.0.0:0") && stderr.contains("--plain-http"),
+        stderr.contains("refusing to serve plain HTTP on 0.0.0.0:0")
+            && stderr.contains("--plain-http"),
         "{stderr}"
     );
     // Asked for: it serves, with a warning.
@@ -143,5 +144,8 @@ fn plain_http_off_loopback_must_be_asked_for() {
     let out = child.wait_with_output().unwrap();
     assert_eq!(status, 200, "{line}");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("serving plain HTTP on a non-loopback address"), "{stderr}");
+    assert!(
+        stderr.contains("serving plain HTTP on a non-loopback address"),
+        "{stderr}"
+    );
 }

@@ -158,6 +158,8 @@ pub struct Server {
     extra: Vec<String>,
     /// Where stderr goes when the test reads the server's log (`start_logged`).
     log: Option<PathBuf>,
+    /// Extra environment of the server process.
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -168,6 +170,7 @@ impl Server {
         let dir = tempfile::tempdir().unwrap();
         let mut server = Server {
             log: Some(dir.path().join("server.log")),
+            env: Vec::new(),
             dir,
             storage: Storage::for_test(),
             bundles: BundleStore::for_test(),
@@ -200,6 +203,28 @@ impl Server {
             port: 0,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             log: None,
+            env: Vec::new(),
+            child: None,
+        };
+        server.spawn(0);
+        server
+    }
+
+    /// Starts a server with extra environment variables (e.g. `OTEL_EXPORTER_OTLP_ENDPOINT`).
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let mut server = Server {
+            dir,
+            storage: Storage::for_test(),
+            bundles: BundleStore::for_test(),
+            url: String::new(),
+            port: 0,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            log: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
         };
         server.spawn(0);
@@ -225,6 +250,7 @@ impl Server {
             port: 0,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             log: None,
+            env: Vec::new(),
             child: None,
         };
         server.spawn(0);
@@ -255,6 +281,7 @@ impl Server {
             port: 0,
             extra: self.extra.clone(),
             log: None,
+            env: self.env.clone(),
             child: None,
         };
         replica.spawn(0);
@@ -266,6 +293,7 @@ impl Server {
         cmd.args(self.storage.args(&self.data_dir()))
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
             .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped());
         match &self.log {
             Some(path) => {

@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone)]
 pub struct Received {
+    /// The request line's path.
+    pub path: String,
     /// Header names lower-cased.
     pub headers: HashMap<String, String>,
     pub body: Vec<u8>,
@@ -44,6 +46,7 @@ impl Receiver {
                     let mut headers = HashMap::new();
                     let mut line = String::new();
                     reader.read_line(&mut line).unwrap();
+                    let path = line.split(' ').nth(1).unwrap_or("").to_owned();
                     loop {
                         line.clear();
                         reader.read_line(&mut line).unwrap();
@@ -65,6 +68,7 @@ impl Receiver {
                         .is_ok();
                     let status = if fail { 500 } else { 204 };
                     log.lock().unwrap().push(Received {
+                        path,
                         headers,
                         body,
                         status,
@@ -77,6 +81,11 @@ impl Receiver {
             }
         });
         Receiver { url, received }
+    }
+
+    /// `http://host:port`, without the path.
+    pub fn base(&self) -> String {
+        self.url.trim_end_matches("/hooks/kernex").to_owned()
     }
 
     /// Every request so far, in arrival order.

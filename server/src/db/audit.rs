@@ -96,6 +96,7 @@ pub async fn record_change(
 
 /// A failure is logged, not returned: the change itself has already happened and must not be
 /// reported as failed.
+#[tracing::instrument(name = "db.audit.write", level = "info", skip_all)]
 async fn write(
     db: &Db,
     tenant_id: Option<&str>,
@@ -147,6 +148,7 @@ pub struct Filter {
     pub limit: i64,
 }
 
+#[tracing::instrument(name = "db.audit.list", level = "info", skip_all)]
 pub async fn list(
     db: &Db,
     tenant_id: &str,

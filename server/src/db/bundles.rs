@@ -62,6 +62,7 @@ pub async fn add_publisher_key(
     Ok((key, inserted == 1))
 }
 
+#[tracing::instrument(name = "db.bundles.publisher_keys", level = "info", skip_all)]
 pub async fn publisher_keys(db: &Db, tenant_id: &str) -> Result<Vec<PublisherKey>, sqlx::Error> {
     with_pool!(db, pool => sqlx::query_as::<_, PublisherKey>(&format!(
         "SELECT {KEY_COLUMNS} FROM publisher_keys WHERE tenant_id = $1 ORDER BY created_at, id"))
@@ -146,6 +147,7 @@ pub async fn versions(db: &Db, tenant_id: &str, name: &str) -> Result<Vec<String
         .bind(tenant_id).bind(name).fetch_all(pool).await)
 }
 
+#[tracing::instrument(name = "db.bundles.insert", level = "info", skip_all)]
 pub async fn insert(db: &Db, bundle: &Bundle) -> Result<(), ApiError> {
     let result = with_pool!(db, pool => sqlx::query(&format!(
         "INSERT INTO bundles ({BUNDLE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"))
@@ -164,12 +166,14 @@ pub async fn insert(db: &Db, bundle: &Bundle) -> Result<(), ApiError> {
 }
 
 /// A live (not retired) bundle of the tenant.
+#[tracing::instrument(name = "db.bundles.get", level = "info", skip_all)]
 pub async fn get(db: &Db, tenant_id: &str, id: &str) -> Result<Option<Bundle>, sqlx::Error> {
     with_pool!(db, pool => sqlx::query_as::<_, Bundle>(&format!(
         "SELECT {BUNDLE_COLUMNS} FROM bundles WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL"))
         .bind(tenant_id).bind(id).fetch_optional(pool).await)
 }
 
+#[tracing::instrument(name = "db.bundles.list", level = "info", skip_all)]
 pub async fn list(db: &Db, tenant_id: &str) -> Result<Vec<Bundle>, sqlx::Error> {
     with_pool!(db, pool => sqlx::query_as::<_, Bundle>(&format!(
         "SELECT {BUNDLE_COLUMNS} FROM bundles WHERE tenant_id = $1 AND deleted_at IS NULL ORDER BY name, created_at"))

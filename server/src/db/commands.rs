@@ -60,6 +60,7 @@ impl Command {
 }
 
 /// Queues a validated command for `device_id`.
+#[tracing::instrument(name = "db.commands.queue", level = "info", skip_all)]
 pub async fn queue(
     db: &Db,
     device_id: &str,
@@ -97,6 +98,7 @@ pub async fn queue(
     Ok(command)
 }
 
+#[tracing::instrument(name = "db.commands.list", level = "info", skip_all)]
 pub async fn list(db: &Db, device_id: &str) -> Result<Vec<Command>, sqlx::Error> {
     let sql = format!(
         "SELECT {COMMAND_COLUMNS} FROM commands WHERE device_id = $1 ORDER BY created_at, id"
@@ -104,6 +106,7 @@ pub async fn list(db: &Db, device_id: &str) -> Result<Vec<Command>, sqlx::Error>
     with_pool!(db, pool => sqlx::query_as::<_, Command>(&sql).bind(device_id).fetch_all(pool).await)
 }
 
+#[tracing::instrument(name = "db.commands.get", level = "info", skip_all)]
 pub async fn get(db: &Db, device_id: &str, id: &str) -> Result<Option<Command>, sqlx::Error> {
     let sql = format!("SELECT {COMMAND_COLUMNS} FROM commands WHERE device_id = $1 AND id = $2");
     with_pool!(db, pool => sqlx::query_as::<_, Command>(&sql).bind(device_id).bind(id).fetch_optional(pool).await)

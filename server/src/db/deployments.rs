@@ -247,6 +247,7 @@ pub struct NewDeployment {
 
 /// Stores a deployment and its targets (all `pending`); the engine releases them. Refuses a
 /// device that an unfinished deployment of the same bundle name already targets.
+#[tracing::instrument(name = "db.deployments.create", level = "info", skip_all)]
 pub async fn create(db: &Db, new: &NewDeployment) -> Result<Deployment, ApiError> {
     let assignment = assign_phases(&new.phases, new.devices.len() as u64)
         .map_err(|m| ApiError::bad_request("invalid_phases", m))?;
@@ -351,18 +352,21 @@ fn history_with(history: &str, state: &str, at: i64) -> String {
     serde_json::Value::Array(entries).to_string()
 }
 
+#[tracing::instrument(name = "db.deployments.get", level = "info", skip_all)]
 pub async fn get(db: &Db, tenant_id: &str, id: &str) -> Result<Option<Deployment>, sqlx::Error> {
     with_pool!(db, pool => sqlx::query_as::<_, Deployment>(&format!(
         "SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE tenant_id = $1 AND id = $2"))
         .bind(tenant_id).bind(id).fetch_optional(pool).await)
 }
 
+#[tracing::instrument(name = "db.deployments.list", level = "info", skip_all)]
 pub async fn list(db: &Db, tenant_id: &str) -> Result<Vec<Deployment>, sqlx::Error> {
     with_pool!(db, pool => sqlx::query_as::<_, Deployment>(&format!(
         "SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE tenant_id = $1 ORDER BY created_at, id"))
         .bind(tenant_id).fetch_all(pool).await)
 }
 
+#[tracing::instrument(name = "db.deployments.devices", level = "info", skip_all)]
 pub async fn devices(db: &Db, deployment_id: &str) -> Result<Vec<DeploymentDevice>, sqlx::Error> {
     with_pool!(db, pool => sqlx::query_as::<_, DeploymentDevice>(&format!(
         "SELECT {DEVICE_COLUMNS} FROM deployment_devices WHERE deployment_id = $1 ORDER BY position"))
@@ -370,6 +374,7 @@ pub async fn devices(db: &Db, deployment_id: &str) -> Result<Vec<DeploymentDevic
 }
 
 /// Ids of deployments the engine has work on.
+#[tracing::instrument(name = "db.deployments.running", level = "info", skip_all)]
 pub async fn running(db: &Db) -> Result<Vec<String>, sqlx::Error> {
     with_pool!(db, pool => sqlx::query_scalar::<_, String>(
         "SELECT id FROM deployments WHERE state = 'running' ORDER BY created_at")
@@ -399,6 +404,7 @@ pub enum Action {
 }
 
 /// Applies `action`; returns the deployment after it, or a 409 naming the state that forbids it.
+#[tracing::instrument(name = "db.deployments.act", level = "info", skip_all)]
 pub async fn act(
     db: &Db,
     tenant_id: &str,
@@ -457,6 +463,7 @@ pub enum Reported {
 
 /// Records a device's report. Idempotent and order-tolerant: a report for a finished device, or
 /// one that would move it back along the path (a retried older report), changes nothing.
+#[tracing::instrument(name = "db.deployments.report", level = "info", skip_all)]
 pub async fn report(
     db: &Db,
     deployment_id: &str,
@@ -496,6 +503,7 @@ pub async fn report(
 
 /// One step of the rollout engine for one deployment: halt on too many failures, advance a
 /// finished phase, release pending devices into free slots. Returns true when it changed anything.
+#[tracing::instrument(name = "db.deployments.step", level = "info", skip_all)]
 pub async fn step(db: &Db, id: &str) -> Result<bool, sqlx::Error> {
     let now = now_ms();
     with_pool!(db, pool => {

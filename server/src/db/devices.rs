@@ -110,12 +110,14 @@ impl Device {
 }
 
 /// The device with `id`, of any tenant (device-protocol paths, where the caller proved the id).
+#[tracing::instrument(name = "db.devices.by_id", level = "info", skip_all)]
 pub async fn by_id(db: &Db, id: &str) -> Result<Option<Device>, sqlx::Error> {
     let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE id = $1");
     with_pool!(db, pool => sqlx::query_as::<_, Device>(&sql).bind(id).fetch_optional(pool).await)
 }
 
 /// The device with `id` if it belongs to `tenant_id` (REST paths).
+#[tracing::instrument(name = "db.devices.in_tenant", level = "info", skip_all)]
 pub async fn in_tenant(db: &Db, tenant_id: &str, id: &str) -> Result<Option<Device>, sqlx::Error> {
     let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE tenant_id = $1 AND id = $2");
     with_pool!(db, pool => sqlx::query_as::<_, Device>(&sql).bind(tenant_id).bind(id).fetch_optional(pool).await)
@@ -132,6 +134,7 @@ pub async fn by_fingerprint(
     with_pool!(db, pool => sqlx::query_as::<_, Device>(&sql).bind(tenant_id).bind(fingerprint).fetch_optional(pool).await)
 }
 
+#[tracing::instrument(name = "db.devices.list", level = "info", skip_all)]
 pub async fn list(db: &Db, tenant_id: &str) -> Result<Vec<Device>, sqlx::Error> {
     let sql = format!(
         "SELECT {DEVICE_COLUMNS} FROM devices WHERE tenant_id = $1 ORDER BY enrolled_at, id"
@@ -141,6 +144,7 @@ pub async fn list(db: &Db, tenant_id: &str) -> Result<Vec<Device>, sqlx::Error> 
 
 /// Marks a device deregistered; its heartbeats and authentications are refused from now on.
 /// Returns false when it already was.
+#[tracing::instrument(name = "db.devices.deregister", level = "info", skip_all)]
 pub async fn deregister(db: &Db, tenant_id: &str, id: &str) -> Result<bool, sqlx::Error> {
     let done = with_pool!(db, pool => sqlx::query(
         "UPDATE devices SET deregistered_at = $1 WHERE tenant_id = $2 AND id = $3 AND deregistered_at IS NULL")
@@ -164,6 +168,7 @@ pub async fn accept_auth_nonce(db: &Db, id: &str, nonce: &str) -> Result<bool, s
 }
 
 /// Replaces the labels of a device of `tenant_id`; false when there is no such device.
+#[tracing::instrument(name = "db.devices.set_labels", level = "info", skip_all)]
 pub async fn set_labels(
     db: &Db,
     tenant_id: &str,

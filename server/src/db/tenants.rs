@@ -29,6 +29,7 @@ impl Tenant {
     }
 }
 
+#[tracing::instrument(name = "db.tenants.create", level = "info", skip_all)]
 pub async fn create(db: &Db, name: &str) -> Result<Tenant, ApiError> {
     kernex_protocol::bootstrap::check_name(name).map_err(|message| {
         ApiError::bad_request("invalid_name", format!("tenant name: {message}"))
@@ -54,6 +55,7 @@ pub async fn create(db: &Db, name: &str) -> Result<Tenant, ApiError> {
     }
 }
 
+#[tracing::instrument(name = "db.tenants.by_name", level = "info", skip_all)]
 pub async fn by_name(db: &Db, name: &str) -> Result<Option<Tenant>, sqlx::Error> {
     with_pool!(db, pool => sqlx::query_as::<_, Tenant>("SELECT id, name, created_at FROM tenants WHERE name = $1")
         .bind(name)
@@ -62,12 +64,14 @@ pub async fn by_name(db: &Db, name: &str) -> Result<Option<Tenant>, sqlx::Error>
 }
 
 /// The tenant called `name`, or a `404 unknown_tenant` naming it.
+#[tracing::instrument(name = "db.tenants.require", level = "info", skip_all)]
 pub async fn require(db: &Db, name: &str) -> Result<Tenant, ApiError> {
     by_name(db, name)
         .await?
         .ok_or_else(|| ApiError::not_found("unknown_tenant", format!("no tenant named `{name}`")))
 }
 
+#[tracing::instrument(name = "db.tenants.list", level = "info", skip_all)]
 pub async fn list(db: &Db) -> Result<Vec<Tenant>, sqlx::Error> {
     with_pool!(db, pool => sqlx::query_as::<_, Tenant>("SELECT id, name, created_at FROM tenants ORDER BY name")
         .fetch_all(pool)

@@ -90,6 +90,7 @@ pub struct NewBootstrapToken {
     pub description: String,
 }
 
+#[tracing::instrument(name = "db.tokens.create_bootstrap_token", level = "info", skip_all)]
 pub async fn create_bootstrap_token(
     db: &Db,
     tenant_id: &str,
@@ -153,6 +154,7 @@ pub async fn bootstrap_token(
         .await)
 }
 
+#[tracing::instrument(name = "db.tokens.list_bootstrap_tokens", level = "info", skip_all)]
 pub async fn list_bootstrap_tokens(
     db: &Db,
     tenant_id: &str,
@@ -167,6 +169,7 @@ pub async fn list_bootstrap_tokens(
 }
 
 /// Revokes a token; revoking twice is not an error (the first revocation time is kept).
+#[tracing::instrument(name = "db.tokens.revoke_bootstrap_token", level = "info", skip_all)]
 pub async fn revoke_bootstrap_token(
     db: &Db,
     tenant_id: &str,
@@ -281,6 +284,7 @@ impl Principal {
     }
 }
 
+#[tracing::instrument(name = "db.tokens.create_api_key", level = "info", skip_all)]
 pub async fn create_api_key(
     db: &Db,
     tenant_id: &str,
@@ -310,6 +314,7 @@ pub async fn create_api_key(
     Ok((secret, row))
 }
 
+#[tracing::instrument(name = "db.tokens.list_api_keys", level = "info", skip_all)]
 pub async fn list_api_keys(db: &Db, tenant_id: &str) -> Result<Vec<ApiKey>, sqlx::Error> {
     with_pool!(db, pool => sqlx::query_as::<_, ApiKey>(
         "SELECT id, tenant_id, secret_hash, role, description, revoked_at, created_at FROM api_keys
@@ -319,6 +324,7 @@ pub async fn list_api_keys(db: &Db, tenant_id: &str) -> Result<Vec<ApiKey>, sqlx
         .await)
 }
 
+#[tracing::instrument(name = "db.tokens.revoke_api_key", level = "info", skip_all)]
 pub async fn revoke_api_key(db: &Db, tenant_id: &str, id: &str) -> Result<bool, sqlx::Error> {
     let done = with_pool!(db, pool => sqlx::query(
         "UPDATE api_keys SET revoked_at = $1 WHERE tenant_id = $2 AND id = $3 AND revoked_at IS NULL")
@@ -332,6 +338,7 @@ pub async fn revoke_api_key(db: &Db, tenant_id: &str, id: &str) -> Result<bool, 
 
 /// Resolves an API key to its principal; `None` for unknown, wrong or revoked keys alike, so a caller
 /// learns nothing about which.
+#[tracing::instrument(name = "db.tokens.authenticate_api_key", level = "info", skip_all)]
 pub async fn authenticate_api_key(
     db: &Db,
     key: &SecretToken,

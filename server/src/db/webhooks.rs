@@ -158,6 +158,7 @@ pub async fn emit(db: &Db, tenant_id: &str, kind: &str, data: serde_json::Value)
     }
 }
 
+#[tracing::instrument(name = "db.webhooks.create", level = "info", skip_all)]
 pub async fn create(
     db: &Db,
     tenant_id: &str,
@@ -183,6 +184,7 @@ pub async fn create(
 
 const WEBHOOK_COLUMNS: &str = "id, tenant_id, url, secret, events, created_at";
 
+#[tracing::instrument(name = "db.webhooks.list", level = "info", skip_all)]
 pub async fn list(db: &Db, tenant_id: &str) -> Result<Vec<Webhook>, sqlx::Error> {
     with_pool!(db, pool => sqlx::query_as(&format!(
         "SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE tenant_id = $1 AND deleted_at IS NULL ORDER BY created_at"))
@@ -196,6 +198,7 @@ pub async fn get(db: &Db, tenant_id: &str, id: &str) -> Result<Option<Webhook>, 
 }
 
 /// Stops a webhook: no new deliveries, pending ones dropped (kept in the log as `failed`).
+#[tracing::instrument(name = "db.webhooks.delete", level = "info", skip_all)]
 pub async fn delete(db: &Db, tenant_id: &str, id: &str) -> Result<bool, sqlx::Error> {
     let now = now_ms();
     with_pool!(db, pool => {
@@ -210,6 +213,7 @@ pub async fn delete(db: &Db, tenant_id: &str, id: &str) -> Result<bool, sqlx::Er
 }
 
 /// The newest deliveries of a webhook, newest first.
+#[tracing::instrument(name = "db.webhooks.deliveries", level = "info", skip_all)]
 pub async fn deliveries(
     db: &Db,
     webhook_id: &str,
@@ -233,6 +237,7 @@ pub struct Claimed {
 }
 
 /// Claims up to `limit` due deliveries for `hold_ms` (another replica skips them meanwhile).
+#[tracing::instrument(name = "db.webhooks.claim_due", level = "info", skip_all)]
 pub async fn claim_due(db: &Db, limit: i64, hold_ms: i64) -> Result<Vec<Claimed>, sqlx::Error> {
     let now = now_ms();
     with_pool!(db, pool => {
@@ -258,6 +263,7 @@ pub async fn claim_due(db: &Db, limit: i64, hold_ms: i64) -> Result<Vec<Claimed>
 
 /// Records one attempt: delivered, or failed with the next try at `retry_at` (given up after
 /// [`MAX_ATTEMPTS`]).
+#[tracing::instrument(name = "db.webhooks.record_attempt", level = "info", skip_all)]
 pub async fn record_attempt(
     db: &Db,
     id: &str,
@@ -281,6 +287,7 @@ pub async fn record_attempt(
 /// are marked and announced (`device.offline`), devices that heartbeated since they were announced
 /// offline are announced back (`device.online`). Each transition is one row update, so with several
 /// replicas sweeping, each is announced once. Returns (offline, online) counts.
+#[tracing::instrument(name = "db.webhooks.sweep_devices", level = "info", skip_all)]
 pub async fn sweep_devices(db: &Db, offline_after: u32) -> Result<(usize, usize), sqlx::Error> {
     let now = now_ms();
     with_pool!(db, pool => {
