@@ -87,6 +87,7 @@ pub async fn serve(db: Db, options: ServeOptions) -> anyhow::Result<()> {
             let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(&cert, &key)
                 .await
                 .with_context(|| format!("loading TLS certificate {} and key {}", cert.display(), key.display()))?;
+            tokio::spawn(reload_tls_on_sighup(config.clone(), cert, key));
             axum_server::bind_rustls(options.listen, config)
                 .handle(handle)
                 .serve(service)
@@ -102,6 +103,30 @@ pub async fn serve(db: Db, options: ServeOptions) -> anyhow::Result<()> {
     .with_context(|| format!("serving on {}", options.listen))?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Renewing the certificate needs no restart: on SIGHUP the files are read again and new
+/// connections get the new certificate (connections already open keep theirs). Files that do not
+/// load are logged and the previous certificate stays in use.
+async fn reload_tls_on_sighup(
+    config: axum_server::tls_rustls::RustlsConfig,
+    cert: PathBuf,
+    key: PathBuf,
+) {
+    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    else {
+        tracing::warn!("cannot listen for SIGHUP: TLS certificate reloads need a restart");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        match config.reload_from_pem_file(&cert, &key).await {
+            Ok(()) => tracing::info!(cert = %cert.display(), "TLS certificate reloaded"),
+            Err(e) => tracing::error!(
+                error = %e, cert = %cert.display(), key = %key.display(),
+                "reloading the TLS certificate failed; still serving the previous one"
+            ),
+        }
+    }
 }
 
 async fn shutdown_on_signal(handle: axum_server::Handle) {

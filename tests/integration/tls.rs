@@ -8,6 +8,7 @@ struct Pki {
     ca_pem: String,
     leaf_der_sha256: String,
     dir: tempfile::TempDir,
+    ca: (rcgen::Certificate, rcgen::KeyPair),
 }
 
 fn pki() -> Pki {
@@ -15,20 +16,27 @@ fn pki() -> Pki {
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     let ca = ca_params.self_signed(&ca_key).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let leaf_der_sha256 = issue_leaf(&ca, &ca_key, dir.path());
+    Pki {
+        ca_pem: ca.pem(),
+        leaf_der_sha256,
+        dir,
+        ca: (ca, ca_key),
+    }
+}
+
+/// A new server certificate for 127.0.0.1 signed by `ca`, written as `cert.pem` and `key.pem` in
+/// `dir` (replacing what is there); the SHA-256 of its DER (what `ca_sha256` pins).
+fn issue_leaf(ca: &rcgen::Certificate, ca_key: &rcgen::KeyPair, dir: &std::path::Path) -> String {
     let leaf_key = rcgen::KeyPair::generate().unwrap();
     let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
         .unwrap()
-        .signed_by(&leaf_key, &ca, &ca_key)
+        .signed_by(&leaf_key, ca, ca_key)
         .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("cert.pem"), leaf.pem()).unwrap();
-    std::fs::write(dir.path().join("key.pem"), leaf_key.serialize_pem()).unwrap();
-    use sha2_shim::digest_hex;
-    Pki {
-        ca_pem: ca.pem(),
-        leaf_der_sha256: digest_hex(leaf.der()),
-        dir,
-    }
+    std::fs::write(dir.join("cert.pem"), leaf.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), leaf_key.serialize_pem()).unwrap();
+    sha2_shim::digest_hex(leaf.der())
 }
 
 mod sha2_shim {
@@ -147,5 +155,67 @@ fn plain_http_off_loopback_must_be_asked_for() {
     assert!(
         stderr.contains("serving plain HTTP on a non-loopback address"),
         "{stderr}"
+    );
+}
+
+#[test]
+fn a_renewed_certificate_is_served_after_sighup_without_a_restart() {
+    let pki = pki();
+    let cert = pki.dir.path().join("cert.pem");
+    let key = pki.dir.path().join("key.pem");
+    let server = Server::start_with(&[
+        "--heartbeat-interval",
+        "1s",
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    server.admin(&["tenant", "create", "acme"]);
+    let token = server.token("acme", &[]);
+    let bootstrap = |trust: &str| {
+        format!(
+            "server_url = \"{}\"\ntenant = \"acme\"\ntoken = \"{token}\"\n{trust}\n",
+            server.url
+        )
+    };
+    let with_ca =
+        Agent::start_with_bootstrap(&bootstrap(&format!("ca_cert = '''\n{}'''", pki.ca_pem)));
+    let beat = |agent: &Agent| agent.status()["last_heartbeat_at"].as_i64();
+    wait_for("the CA agent to heartbeat", Duration::from_secs(90), || {
+        beat(&with_ca)
+    });
+
+    // Renewal: new files in place. Until SIGHUP the old certificate is served, so an agent
+    // pinned to the new one is refused.
+    let renewed = issue_leaf(&pki.ca.0, &pki.ca.1, pki.dir.path());
+    let pinned_new = Agent::start_with_bootstrap(&bootstrap(&format!("ca_sha256 = \"{renewed}\"")));
+    wait_for(
+        "the pinned agent to be refused",
+        Duration::from_secs(90),
+        || {
+            pinned_new.status()["last_error"]
+                .as_str()
+                .map(str::to_owned)
+        },
+    );
+    assert!(pinned_new.status()["device_id"].is_null());
+
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &server.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    wait_for(
+        "the pinned agent to heartbeat after the reload",
+        Duration::from_secs(90),
+        || beat(&pinned_new),
+    );
+    // The same process served throughout, and the CA agent carries on.
+    let before = beat(&with_ca).unwrap();
+    wait_for(
+        "the CA agent to heartbeat again",
+        Duration::from_secs(30),
+        || beat(&with_ca).filter(|t| *t > before),
     );
 }

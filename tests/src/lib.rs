@@ -328,6 +328,11 @@ impl Server {
         self.child = Some(child);
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server running").id()
+    }
+
     /// Stops the server (SIGKILL: the harshest case for the agent).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
