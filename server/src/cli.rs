@@ -65,6 +65,22 @@ pub enum Command {
     /// Make publisher keys and signed bundles (no database needed).
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// Rotate server-wide secrets.
+    #[command(subcommand)]
+    Secret(SecretCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretCommand {
+    /// Make a new device-token key. Tokens signed with the key it replaces stay valid until that
+    /// key is rotated out too, so devices carry on and renew theirs (within --device-token-ttl);
+    /// running servers switch within --secret-reload-interval. Rotate again only after a token
+    /// lifetime has passed, or devices still holding a token of the oldest key re-authenticate.
+    Rotate {
+        /// The secret to rotate; `device-token-key` is the only one.
+        #[arg(value_parser = ["device-token-key"])]
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -122,6 +138,10 @@ pub struct ServeArgs {
     /// How often the rollout engine checks running deployments when nothing wakes it earlier.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub rollout_interval: std::time::Duration,
+    /// How often shared secrets are read again from the database, to follow a rotation made by
+    /// `kernex-server secret rotate` while this server runs.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub secret_reload_interval: std::time::Duration,
     /// Wait before retrying a failed webhook delivery; doubled after each further failure (at most
     /// an hour, ±20 % jitter), given up after 10 attempts.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
@@ -511,8 +531,22 @@ async fn dispatch(db: &Db, data_dir: &std::path::Path, command: Command) -> anyh
                 bundle_store,
                 rollout_every: args.rollout_interval,
                 webhook_retry_base: args.webhook_retry_base,
+                secret_reload_interval: args.secret_reload_interval,
             };
             serve(db.clone(), options).await
+        }
+        Command::Secret(SecretCommand::Rotate { name }) => {
+            debug_assert_eq!(name, "device-token-key");
+            crate::db::secrets::rotate(
+                db,
+                crate::serve::DEVICE_TOKEN_SECRET,
+                crate::serve::DEVICE_TOKEN_SECRET_PREVIOUS,
+            )
+            .await
+            .context("rotating the device-token key")?;
+            audit::record(db, None, "cli", "secret.rotated", &name, json!({})).await;
+            println!("device-token key rotated; running servers switch to it within --secret-reload-interval (30 s by default)");
+            Ok(())
         }
         Command::Tenant(TenantCommand::Create { name, json }) => {
             let tenant = tenants::create(db, &name)

@@ -15,6 +15,8 @@ use std::time::Duration;
 
 /// Name of the device-token HMAC key in `server_secrets`.
 pub const DEVICE_TOKEN_SECRET: &str = "device_token_hmac";
+/// The device-token key before the last rotation (still accepted).
+pub const DEVICE_TOKEN_SECRET_PREVIOUS: &str = "device_token_hmac_previous";
 
 #[derive(Debug)]
 pub struct ServeOptions {
@@ -28,6 +30,8 @@ pub struct ServeOptions {
     pub rollout_every: Duration,
     /// Wait after a webhook delivery's first failure (doubled after each further one).
     pub webhook_retry_base: Duration,
+    /// How often the shared secrets are read again (to follow a rotation).
+    pub secret_reload_interval: Duration,
 }
 
 pub async fn serve(db: Db, options: ServeOptions) -> anyhow::Result<()> {
@@ -36,6 +40,15 @@ pub async fn serve(db: Db, options: ServeOptions) -> anyhow::Result<()> {
     let secret = secrets::get_or_create(&db, DEVICE_TOKEN_SECRET)
         .await
         .context("loading the device-token key")?;
+    let previous = secrets::get(&db, DEVICE_TOKEN_SECRET_PREVIOUS)
+        .await
+        .context("loading the previous device-token key")?;
+    let device_tokens = Arc::new(DeviceTokenKey::with_previous(&secret, previous.as_deref()));
+    tokio::spawn(reload_device_token_keys(
+        db.clone(),
+        device_tokens.clone(),
+        options.secret_reload_interval,
+    ));
     let metrics = Arc::new(Metrics::new(crate::api::ROUTES.iter().copied()));
     let heartbeats = HeartbeatWriter::start(&db, WriterConfig::default(), metrics.clone())
         .context("starting the heartbeat writer")?;
@@ -50,7 +63,7 @@ pub async fn serve(db: Db, options: ServeOptions) -> anyhow::Result<()> {
     let state = AppState::new(Shared {
         db: db.clone(),
         heartbeats,
-        device_tokens: DeviceTokenKey::new(&secret),
+        device_tokens,
         limiters: Arc::new(crate::api::limits::Limiters::new(
             options.api.limits.clone(),
         )),
@@ -103,6 +116,33 @@ pub async fn serve(db: Db, options: ServeOptions) -> anyhow::Result<()> {
     .with_context(|| format!("serving on {}", options.listen))?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Picks up a rotation of the device-token key (`kernex-server secret rotate`, possibly run while
+/// this server serves) without a restart.
+async fn reload_device_token_keys(db: Db, keys: Arc<DeviceTokenKey>, every: Duration) {
+    let mut loaded: Option<(Vec<u8>, Option<Vec<u8>>)> = None;
+    loop {
+        tokio::time::sleep(every).await;
+        let current = secrets::get(&db, DEVICE_TOKEN_SECRET).await;
+        let previous = secrets::get(&db, DEVICE_TOKEN_SECRET_PREVIOUS).await;
+        match (current, previous) {
+            (Ok(Some(current)), Ok(previous)) => {
+                let pair = (current, previous);
+                if loaded.as_ref() != Some(&pair) {
+                    if loaded.is_some() {
+                        tracing::info!("device-token key rotated: now signing with the new key");
+                    }
+                    keys.set(&pair.0, pair.1.as_deref());
+                    loaded = Some(pair);
+                }
+            }
+            (Ok(None), _) => tracing::error!("the device-token key is missing from the database"),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(error = %e, "reloading the device-token key failed")
+            }
+        }
+    }
 }
 
 /// Renewing the certificate needs no restart: on SIGHUP the files are read again and new

@@ -10,7 +10,8 @@ fn burst(count: usize, mut send: impl FnMut() -> Reply) -> Vec<u16> {
     (0..count).map(|_| send().0).collect()
 }
 
-fn heartbeat(server: &Server, token: &str) -> Reply {
+/// One heartbeat with a device bearer token, as an agent sends it.
+pub fn heartbeat(server: &Server, token: &str) -> Reply {
     let body = HeartbeatRequest {
         agent_version: "test".into(),
         interval_s: None,

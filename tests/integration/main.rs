@@ -15,6 +15,7 @@ mod logs;
 mod metrics;
 mod rest_api;
 mod rollout_resilience;
+mod rotation;
 mod self_update;
 mod tls;
 mod traces;

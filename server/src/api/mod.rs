@@ -67,7 +67,7 @@ pub struct AppState(Arc<Shared>);
 pub struct Shared {
     pub db: Db,
     pub heartbeats: HeartbeatWriter,
-    pub device_tokens: DeviceTokenKey,
+    pub device_tokens: Arc<DeviceTokenKey>,
     pub settings: ApiSettings,
     pub store: ObjectStore,
     pub rollouts: RolloutEngine,
@@ -383,7 +383,7 @@ mod tests {
             rollouts: RolloutEngine::start(db.clone(), Duration::from_secs(1)),
             db,
             heartbeats,
-            device_tokens: DeviceTokenKey::new(b"test"),
+            device_tokens: Arc::new(DeviceTokenKey::new(b"test")),
             limiters: Arc::new(limits::Limiters::new(ApiSettings::default().limits)),
             settings: ApiSettings::default(),
             metrics,
