@@ -259,9 +259,9 @@ pub const ROUTES: &[(&str, &str)] = &[
 /// trail records where a change came from).
 #[derive(Debug, Clone)]
 pub struct RequestContext {
-    pub id: String,
-    /// The client's address (see `limits::client_address`), or `unknown`.
-    pub source: String,
+    pub id: std::sync::Arc<str>,
+    /// The client's address (see `limits::client_address`); formatted only by whoever needs it.
+    pub source: Option<std::net::IpAddr>,
 }
 
 tokio::task_local! {
@@ -307,9 +307,8 @@ async fn record_request(
     // operator running at `warn` still finds the request of every warning and error.
     let span = tracing::error_span!("request", id = %id, method = %method, route = route_name);
     let context = RequestContext {
-        id: id.clone(),
-        source: limits::client_address(&request, state.settings.limits.forwarded_for)
-            .map_or_else(|| "unknown".to_owned(), |a| a.to_string()),
+        id: id.as_str().into(),
+        source: limits::client_address(&request, state.settings.limits.forwarded_for),
     };
     let mut response = REQUEST_CONTEXT
         .scope(context, next.run(request).instrument(span.clone()))

@@ -108,8 +108,11 @@ async fn write(
 ) {
     let context = crate::api::RequestContext::current();
     let (source, request_id) = match &context {
-        Some(c) => (c.source.as_str(), Some(c.id.as_str())),
-        None => ("local", None),
+        Some(c) => (
+            c.source.map_or_else(|| "unknown".to_owned(), |a| a.to_string()),
+            Some(&*c.id),
+        ),
+        None => ("local".to_owned(), None),
     };
     let (before, after) = match change {
         Some((before, after)) => (Some(before.to_string()), Some(after.to_string())),
