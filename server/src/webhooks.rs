@@ -26,12 +26,7 @@ pub fn sign(secret: &str, unix_s: i64, body: &[u8]) -> String {
     let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
     mac.update(format!("{unix_s}.").as_bytes());
     mac.update(body);
-    let tag: String = mac
-        .finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let tag = kernex_protocol::token::hex(&mac.finalize().into_bytes());
     format!("t={unix_s},v1={tag}")
 }
 

@@ -424,19 +424,8 @@ fn s3_device_downloads_redirect_to_the_bucket_and_resume() {
 
     // The redirect itself: for a device the bundle was released to, and no redirect (404) for a
     // bundle that was not.
-    let tokens = work.path().join("tokens");
-    server.admin(&[
-        "device",
-        "preauthorize",
-        "--tenant",
-        "acme",
-        "--count",
-        "1",
-        "--out",
-        tokens.to_str().unwrap(),
-    ]);
-    let line = std::fs::read_to_string(&tokens).unwrap();
-    let (device_id, device_token) = line.trim().split_once(' ').unwrap();
+    let (device_id, device_token) = server.preauthorize("acme", 1).remove(0);
+    let (device_id, device_token) = (device_id.as_str(), device_token.as_str());
     let (_, v2) = upload(&api, &pack(work.path(), &key, "1.1.0", true));
     let v2_id = v2["id"].as_str().unwrap().to_owned();
     let (status, created) = api.post(

@@ -52,21 +52,10 @@ fn each_device_key_and_address_has_its_own_limit() {
         "1/s:5",
     ]);
     let acme = server.tenant("acme");
-    let list = server.dir.path().join("devices.txt");
-    server.admin(&[
-        "device",
-        "preauthorize",
-        "--tenant",
-        "acme",
-        "--count",
-        "2",
-        "--out",
-        list.to_str().unwrap(),
-    ]);
-    let tokens: Vec<String> = std::fs::read_to_string(&list)
-        .unwrap()
-        .lines()
-        .map(|line| line.split_once(' ').unwrap().1.to_owned())
+    let tokens: Vec<String> = server
+        .preauthorize("acme", 2)
+        .into_iter()
+        .map(|(_, token)| token)
         .collect();
 
     // Per device: the first device's burst runs out, the second device is untouched.

@@ -22,19 +22,7 @@ fn the_device_token_key_rotates_without_refusing_anyone() {
     let beat = || agent.status()["last_heartbeat_at"].as_i64();
     wait_for("the agent to heartbeat", Duration::from_secs(90), beat);
     // A token signed with the first key.
-    let list = server.dir.path().join("tokens.txt");
-    server.admin(&[
-        "device",
-        "preauthorize",
-        "--tenant",
-        "acme",
-        "--count",
-        "1",
-        "--out",
-        list.to_str().unwrap(),
-    ]);
-    let first_key_token = std::fs::read_to_string(&list).unwrap();
-    let first_key_token = first_key_token.trim().split_once(' ').unwrap().1.to_owned();
+    let first_key_token = server.preauthorize("acme", 1).remove(0).1;
     assert_eq!(heartbeat(&server, &first_key_token).0, 200);
 
     let rotate = || {

@@ -26,6 +26,28 @@ fn pki() -> Pki {
     }
 }
 
+/// A server on HTTPS with the certificate of `pki` (1 s heartbeats).
+fn tls_server(pki: &Pki) -> Server {
+    let cert = pki.dir.path().join("cert.pem");
+    let key = pki.dir.path().join("key.pem");
+    Server::start_with(&[
+        "--heartbeat-interval",
+        "1s",
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ])
+}
+
+/// A bootstrap file for tenant acme on `server` with the trust line `trust`.
+fn bootstrap(server: &Server, token: &str, trust: &str) -> String {
+    format!(
+        "server_url = \"{}\"\ntenant = \"acme\"\ntoken = \"{token}\"\n{trust}\n",
+        server.url
+    )
+}
+
 /// A new server certificate for 127.0.0.1 signed by `ca`, written as `cert.pem` and `key.pem` in
 /// `dir` (replacing what is there); the SHA-256 of its DER (what `ca_sha256` pins).
 fn issue_leaf(ca: &rcgen::Certificate, ca_key: &rcgen::KeyPair, dir: &std::path::Path) -> String {
@@ -50,25 +72,11 @@ mod sha2_shim {
 #[test]
 fn agents_trust_only_the_configured_ca_or_pin() {
     let pki = pki();
-    let cert = pki.dir.path().join("cert.pem");
-    let key = pki.dir.path().join("key.pem");
-    let server = Server::start_with(&[
-        "--heartbeat-interval",
-        "1s",
-        "--tls-cert",
-        cert.to_str().unwrap(),
-        "--tls-key",
-        key.to_str().unwrap(),
-    ]);
+    let server = tls_server(&pki);
     assert!(server.url.starts_with("https://"), "{}", server.url);
     server.admin(&["tenant", "create", "acme"]);
     let token = server.token("acme", &[]);
-    let bootstrap = |trust: &str| {
-        format!(
-            "server_url = \"{}\"\ntenant = \"acme\"\ntoken = \"{token}\"\n{trust}\n",
-            server.url
-        )
-    };
+    let bootstrap = |trust: &str| bootstrap(&server, &token, trust);
 
     let with_ca =
         Agent::start_with_bootstrap(&bootstrap(&format!("ca_cert = '''\n{}'''", pki.ca_pem)));
@@ -161,24 +169,10 @@ fn plain_http_off_loopback_must_be_asked_for() {
 #[test]
 fn a_renewed_certificate_is_served_after_sighup_without_a_restart() {
     let pki = pki();
-    let cert = pki.dir.path().join("cert.pem");
-    let key = pki.dir.path().join("key.pem");
-    let server = Server::start_with(&[
-        "--heartbeat-interval",
-        "1s",
-        "--tls-cert",
-        cert.to_str().unwrap(),
-        "--tls-key",
-        key.to_str().unwrap(),
-    ]);
+    let server = tls_server(&pki);
     server.admin(&["tenant", "create", "acme"]);
     let token = server.token("acme", &[]);
-    let bootstrap = |trust: &str| {
-        format!(
-            "server_url = \"{}\"\ntenant = \"acme\"\ntoken = \"{token}\"\n{trust}\n",
-            server.url
-        )
-    };
+    let bootstrap = |trust: &str| bootstrap(&server, &token, trust);
     let with_ca =
         Agent::start_with_bootstrap(&bootstrap(&format!("ca_cert = '''\n{}'''", pki.ca_pem)));
     let beat = |agent: &Agent| agent.status()["last_heartbeat_at"].as_i64();

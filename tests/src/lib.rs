@@ -163,24 +163,59 @@ pub struct Server {
     child: Option<Child>,
 }
 
+/// How a test's server is set up; the `Server::start*` functions cover the common cases.
+#[derive(Debug, Default)]
+pub struct ServerSetup<'a> {
+    /// `serve` options.
+    pub extra: &'a [&'a str],
+    /// Extra environment of the server process.
+    pub env: &'a [(&'a str, &'a str)],
+    /// Where bundles go (default: the test's choice, see [`BundleStore::for_test`]).
+    pub bundles: Option<BundleStore>,
+    /// A PostgreSQL URL owned by the test (default: the test's choice, see [`Storage::for_test`]).
+    pub database: Option<&'a str>,
+    /// Log at `info` into a file the test reads with [`Server::log`], instead of `warn` to the
+    /// test's output.
+    pub logged: bool,
+}
+
 impl Server {
-    /// Starts a server logging at `info` in its production format (JSON lines) into a file the
-    /// test reads with [`Server::log`].
-    pub fn start_logged(extra: &[&str]) -> Server {
+    pub fn launch(setup: ServerSetup<'_>) -> Server {
         let dir = tempfile::tempdir().unwrap();
+        let storage = match setup.database {
+            Some(url) => Storage::External {
+                url: url.to_owned(),
+                data_dir: dir.path().join("data"),
+            },
+            None => Storage::for_test(),
+        };
         let mut server = Server {
-            log: Some(dir.path().join("server.log")),
-            env: Vec::new(),
+            log: setup.logged.then(|| dir.path().join("server.log")),
+            env: setup
+                .env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             dir,
-            storage: Storage::for_test(),
-            bundles: BundleStore::for_test(),
+            storage,
+            bundles: setup.bundles.unwrap_or_else(BundleStore::for_test),
             url: String::new(),
             port: 0,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
+            extra: setup.extra.iter().map(|s| s.to_string()).collect(),
             child: None,
         };
         server.spawn(0);
         server
+    }
+
+    /// Starts a server logging at `info` in its production format (JSON lines) into a file the
+    /// test reads with [`Server::log`].
+    pub fn start_logged(extra: &[&str]) -> Server {
+        Server::launch(ServerSetup {
+            extra,
+            logged: true,
+            ..ServerSetup::default()
+        })
     }
 
     /// What the server wrote to stderr (servers from `start_logged` only).
@@ -191,44 +226,21 @@ impl Server {
     /// Starts a server on the PostgreSQL database at `url` (e.g. a [`postgres::PrivatePostgres`]),
     /// with `serve` options `extra`.
     pub fn start_on_database(url: &str, extra: &[&str]) -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let mut server = Server {
-            storage: Storage::External {
-                url: url.to_owned(),
-                data_dir: dir.path().join("data"),
-            },
-            dir,
-            bundles: BundleStore::Local,
-            url: String::new(),
-            port: 0,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            log: None,
-            env: Vec::new(),
-            child: None,
-        };
-        server.spawn(0);
-        server
+        Server::launch(ServerSetup {
+            extra,
+            database: Some(url),
+            bundles: Some(BundleStore::Local),
+            ..ServerSetup::default()
+        })
     }
 
     /// Starts a server with extra environment variables (e.g. `OTEL_EXPORTER_OTLP_ENDPOINT`).
     pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let mut server = Server {
-            dir,
-            storage: Storage::for_test(),
-            bundles: BundleStore::for_test(),
-            url: String::new(),
-            port: 0,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            log: None,
-            env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            child: None,
-        };
-        server.spawn(0);
-        server
+        Server::launch(ServerSetup {
+            extra,
+            env,
+            ..ServerSetup::default()
+        })
     }
 
     /// Starts a server with a 1 s heartbeat interval on a free loopback port.
@@ -237,24 +249,46 @@ impl Server {
     }
 
     pub fn start_with(extra: &[&str]) -> Server {
-        Server::start_with_bundles(BundleStore::for_test(), extra)
+        Server::launch(ServerSetup {
+            extra,
+            ..ServerSetup::default()
+        })
     }
 
     /// Starts a server that keeps bundles in `bundles`, with `serve` options `extra`.
     pub fn start_with_bundles(bundles: BundleStore, extra: &[&str]) -> Server {
-        let mut server = Server {
-            dir: tempfile::tempdir().unwrap(),
-            storage: Storage::for_test(),
-            bundles,
-            url: String::new(),
-            port: 0,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            log: None,
-            env: Vec::new(),
-            child: None,
-        };
-        server.spawn(0);
-        server
+        Server::launch(ServerSetup {
+            extra,
+            bundles: Some(bundles),
+            ..ServerSetup::default()
+        })
+    }
+
+    /// `count` devices of `tenant` registered without hardware (`device preauthorize`): their ids
+    /// and bearer tokens.
+    pub fn preauthorize(&self, tenant: &str, count: u32) -> Vec<(String, String)> {
+        let list = self
+            .dir
+            .path()
+            .join(format!("preauthorized-{}.txt", rand::random::<u32>()));
+        self.admin(&[
+            "device",
+            "preauthorize",
+            "--tenant",
+            tenant,
+            "--count",
+            &count.to_string(),
+            "--out",
+            list.to_str().unwrap(),
+        ]);
+        std::fs::read_to_string(&list)
+            .unwrap()
+            .lines()
+            .map(|line| {
+                let (id, token) = line.split_once(' ').unwrap();
+                (id.to_owned(), token.to_owned())
+            })
+            .collect()
     }
 
     pub fn data_dir(&self) -> PathBuf {

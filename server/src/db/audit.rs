@@ -109,7 +109,8 @@ async fn write(
     let context = crate::api::RequestContext::current();
     let (source, request_id) = match &context {
         Some(c) => (
-            c.source.map_or_else(|| "unknown".to_owned(), |a| a.to_string()),
+            c.source
+                .map_or_else(|| "unknown".to_owned(), |a| a.to_string()),
             Some(&*c.id),
         ),
         None => ("local".to_owned(), None),

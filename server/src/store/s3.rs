@@ -512,15 +512,13 @@ mod tests {
     }
 
     async fn read_all(store: &S3Store, key: &str, offset: u64, len: u64) -> Vec<u8> {
-        use futures_util::TryStreamExt as _;
-        let chunks: Vec<bytes::Bytes> = store
-            .read(key, offset, len)
-            .await
-            .unwrap()
-            .try_collect()
-            .await
-            .unwrap();
-        chunks.concat()
+        crate::store::tests::read_all(
+            &crate::store::ObjectStore::S3(store.clone()),
+            key,
+            offset,
+            len,
+        )
+        .await
     }
 
     fn pattern(len: usize) -> Vec<u8> {
