@@ -56,12 +56,14 @@ lint:
     scripts/check-monitoring.sh
 
 # Everything CI runs: lints, unit tests, integration tests on SQLite and PostgreSQL with the musl
-# agent, the bundle tests with the S3 store (Garage), then the QEMU chain (tenant ISO booted with
-# BIOS and UEFI, appliances enroll, link their user VM, take a bundle and a new agent).
+# agent, schemathesis against the OpenAPI document, the bundle tests with the S3 store (Garage),
+# then the QEMU chain (tenant ISO booted with BIOS and UEFI, appliances enroll, link their user VM,
+# take a bundle and a new agent).
 test: lint build agent
     cargo test --workspace --exclude kernex-tests
     just _integration sqlite
     just _integration postgres
+    just test-openapi
     just _s3
     just test-qemu
 
@@ -107,6 +109,14 @@ iso tenant base *ARGS: agent-binary
 # The integration suite against a real PostgreSQL (started here if it is not running).
 test-postgres: build agent-binary
     just _integration postgres
+
+# The running server against its own OpenAPI document (`GET /api/v1/openapi.json`): schemathesis
+# (PyPI, pinned, in target/schemathesis-venv) fuzzes every operation of a seeded debug server; any
+# 5xx, undocumented status or body off the schema fails. `just test-openapi --max-examples 200`
+# digs deeper.
+test-openapi *ARGS:
+    cargo build -p kernex-server
+    scripts/openapi-check.sh {{ARGS}}
 
 # The S3 bundle store against a real Garage (started on loopback by scripts/garage.sh unless it
 # runs already): the store's own tests, then the bundle tests on SQLite with the musl agent.

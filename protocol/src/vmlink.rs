@@ -104,6 +104,7 @@ pub enum Outcome {
 
 /// About the user VM, from its own `/proc` and `/etc/os-release`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(default)]
 pub struct VmInfo {
     pub hostname: String,
@@ -145,6 +146,7 @@ impl LinkFault {
 
 /// How a user VM is doing, as the appliance reports it in heartbeats (`vms` of a device).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(default)]
 pub struct VmStatus {
     pub name: String,

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 /// `POST /api/v1/enroll`, signed with the key in `public_key`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EnrollRequest {
     pub tenant: String,
     /// The bootstrap token (`kxb_...`). Secret.
@@ -25,6 +26,7 @@ pub struct EnrollRequest {
 
 /// What a device says about itself at enrollment. All optional: the server stores what it gets.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(default)]
 pub struct Facts {
     pub hostname: Option<String>,
@@ -35,6 +37,7 @@ pub struct Facts {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EnrollResponse {
     pub device_id: String,
     pub tenant: String,
@@ -47,6 +50,7 @@ pub struct EnrollResponse {
 
 /// `POST /api/v1/auth`, signed with the device key: trades one RSA signature for a bearer token.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AuthRequest {
     pub device_id: String,
     /// Unix seconds (replay window, as for enrollment).
@@ -56,6 +60,7 @@ pub struct AuthRequest {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AuthResponse {
     /// Bearer token for heartbeats; opaque to the agent.
     pub token: String,
@@ -67,6 +72,7 @@ pub struct AuthResponse {
 
 /// `POST /api/v1/heartbeat` with `Authorization: Bearer <device token>`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HeartbeatRequest {
     pub agent_version: String,
     /// The interval the agent uses when an operator overrode it (`set-interval`); absent when the
@@ -85,6 +91,7 @@ pub struct HeartbeatRequest {
 
 /// Point-in-time health of the appliance, read from `/proc` and `statvfs`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(default)]
 pub struct Telemetry {
     /// Busy share of all CPUs since the previous heartbeat, 0–100.
@@ -104,6 +111,7 @@ pub struct Telemetry {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HeartbeatResponse {
     /// When to send the next heartbeat (before jitter).
     pub interval_s: u32,
@@ -116,6 +124,7 @@ pub struct HeartbeatResponse {
 /// A command as the server delivers it. `kind` and `args` are kept loose on the wire so an older
 /// agent can refuse a newer kind by itself; [`CommandSpec::parse`] gives the typed form.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeviceCommand {
     pub id: String,
     pub kind: String,
@@ -200,6 +209,7 @@ pub struct DeployArgs {
 
 /// Where a device is with one deployment, in the order a deployment goes through them.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum DeploymentState {
     /// Targeted, not released yet (a later phase, or waiting for a slot).
@@ -277,6 +287,7 @@ impl DeploymentState {
 
 /// `POST /api/v1/deployments/{id}/status`, from the device (bearer token): one state change.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct DeploymentReport {
     pub state: DeploymentState,
@@ -291,6 +302,7 @@ pub struct DeploymentReport {
 pub const MAX_LOG_TAIL: usize = 4096;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeploymentReportResponse {
     /// The deployment was cancelled: stop unless the new version is already active.
     #[serde(default)]
@@ -367,6 +379,7 @@ impl CommandSpec {
 
 /// What became of a delivered command.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum CommandOutcome {
     Succeeded,
@@ -374,6 +387,7 @@ pub enum CommandOutcome {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CommandAck {
     pub id: String,
     pub outcome: CommandOutcome,
@@ -387,11 +401,13 @@ pub const MAX_COMMAND_OUTPUT: usize = 4096;
 
 /// `{"error": {"code": "...", "message": "..."}}`: the body of every non-2xx response.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorDetail {
     /// Stable, machine-readable: scripts and the agent branch on it.
     pub code: String,

@@ -25,6 +25,7 @@ type ApiResult<T> = Result<T, ApiError>;
 const MANIFEST_HEAD: usize = 128 * 1024;
 
 /// `POST /api/v1/publisher-keys`: the body is a PEM public key; the tenant's agents trust it.
+#[utoipa::path(post, path = "/api/v1/publisher-keys", tag = "bundles", request_body(content = String, content_type = "application/x-pem-file", description = "PEM public key (RSA) of a bundle publisher"), responses((status = 201, description = "Trusted.", body = crate::db::bundles::PublisherKeyView), (status = 200, description = "Already trusted.", body = crate::db::bundles::PublisherKeyView), (status = 400, description = "`invalid_key`.", body = kernex_protocol::wire::ErrorBody), (status = 403, description = "`forbidden`: the key's role is below admin.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
 pub async fn add_publisher_key(
     State(state): State<AppState>,
     principal: Principal,
@@ -62,6 +63,7 @@ pub async fn add_publisher_key(
     Ok((status, Json(stored.view())))
 }
 
+#[utoipa::path(get, path = "/api/v1/publisher-keys", tag = "bundles", responses((status = 200, description = "The tenant's publisher keys.", body = [crate::db::bundles::PublisherKeyView])), security(("api_key" = [])))]
 pub async fn list_publisher_keys(
     State(state): State<AppState>,
     principal: Principal,
@@ -73,11 +75,19 @@ pub async fn list_publisher_keys(
         .collect::<Vec<_>>())))
 }
 
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct PublisherKeyRevoked {
+    id: String,
+    /// Always true: agents stop trusting the key with their next `/auth` or deployment.
+    revoked: bool,
+}
+
+#[utoipa::path(post, path = "/api/v1/publisher-keys/{id}/revoke", tag = "bundles", params(("id" = String, Path, description = "Publisher key id")), responses((status = 200, description = "Revoked.", body = PublisherKeyRevoked), (status = 404, description = "`unknown_publisher_key`: none active with this id.", body = kernex_protocol::wire::ErrorBody), (status = 403, description = "`forbidden`: the key's role is below admin.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
 pub async fn revoke_publisher_key(
     State(state): State<AppState>,
     principal: Principal,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<PublisherKeyRevoked>> {
     principal.require(Role::Admin)?;
     if !bundles::revoke_publisher_key(&state.db, &principal.tenant_id, &id).await? {
         return Err(ApiError::not_found(
@@ -95,11 +105,12 @@ pub async fn revoke_publisher_key(
         json!({"revoked": true}),
     )
     .await;
-    Ok(Json(json!({"id": id, "revoked": true})))
+    Ok(Json(PublisherKeyRevoked { id, revoked: true }))
 }
 
 /// `POST /api/v1/bundles`: the packed file, streamed. Written to the store while its archive is
 /// hashed; visible only after the signature, the manifest and the version have been checked.
+#[utoipa::path(post, path = "/api/v1/bundles", tag = "bundles", request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The packed bundle (`kernex-server bundle pack`), streamed"), responses((status = 201, description = "Stored and verified.", body = crate::db::bundles::BundleView), (status = 400, description = "`invalid_bundle`, `invalid_signature`, `upload_interrupted`.", body = kernex_protocol::wire::ErrorBody), (status = 409, description = "`no_publisher_keys`, `version_not_newer`.", body = kernex_protocol::wire::ErrorBody), (status = 403, description = "`forbidden`: the key's role is below operator.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
 pub async fn upload(
     State(state): State<AppState>,
     principal: Principal,
@@ -265,6 +276,7 @@ async fn retire_old_versions(state: &AppState, tenant_id: &str, name: &str) {
     }
 }
 
+#[utoipa::path(get, path = "/api/v1/bundles", tag = "bundles", responses((status = 200, description = "The tenant's stored bundles.", body = [crate::db::bundles::BundleView])), security(("api_key" = [])))]
 pub async fn list(State(state): State<AppState>, principal: Principal) -> ApiResult<Json<Value>> {
     let list = bundles::list(&state.db, &principal.tenant_id).await?;
     Ok(Json(json!(list
@@ -273,6 +285,7 @@ pub async fn list(State(state): State<AppState>, principal: Principal) -> ApiRes
         .collect::<Vec<_>>())))
 }
 
+#[utoipa::path(get, path = "/api/v1/bundles/{id}", tag = "bundles", params(("id" = String, Path, description = "Bundle id")), responses((status = 200, description = "The bundle.", body = crate::db::bundles::BundleView), (status = 404, description = "`unknown_bundle`.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
 pub async fn get(
     State(state): State<AppState>,
     principal: Principal,
@@ -292,6 +305,7 @@ fn unknown_bundle(id: &str) -> ApiError {
 /// operator (API key) or for a device (bearer token from `/auth`) the bundle was released to. A
 /// device is redirected (`307`) to a presigned URL when the store hands them out: it follows the
 /// redirect with the same `Range` and `If-Range`, and S3 answers them (with its own `ETag`).
+#[utoipa::path(get, path = "/api/v1/bundles/{id}/content", tag = "bundles", params(("id" = String, Path, description = "Bundle id"), ("Range" = Option<String>, Header, description = "One byte range, e.g. `bytes=100-`"), ("If-Range" = Option<String>, Header, description = "The ETag the download began with"), ("If-None-Match" = Option<String>, Header, description = "An ETag the client holds")), responses((status = 200, description = "The whole packed file.", body = Vec<u8>, content_type = "application/octet-stream"), (status = 206, description = "The requested range.", body = Vec<u8>, content_type = "application/octet-stream"), (status = 304, description = "Not modified (`If-None-Match`)."), (status = 307, description = "A device is sent to a presigned URL of the object store."), (status = 404, description = "`unknown_bundle`: none, or not released to this device.", body = kernex_protocol::wire::ErrorBody), (status = 416, description = "`range_not_satisfiable`.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = []), ("device_token" = [])))]
 pub async fn content(
     State(state): State<AppState>,
     Path(id): Path<String>,

@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 
 type ApiResult<T> = Result<T, ApiError>;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateBody {
     bundle: String,
@@ -46,7 +46,7 @@ pub struct CreateBody {
     allow_downgrade: bool,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Selector {
     labels: BTreeMap<String, String>,
@@ -63,6 +63,26 @@ fn fraction(name: &str, value: Option<f64>, default: f64) -> ApiResult<f64> {
     Ok(v)
 }
 
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct DeploymentCreated {
+    id: String,
+}
+
+/// `POST /api/v1/deployments/{id}/rollback`: the deployment of the previous version.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct RollbackCreated {
+    id: String,
+    /// The version rolled back to.
+    version: String,
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct DeviceLabels {
+    id: String,
+    labels: BTreeMap<String, String>,
+}
+
+#[utoipa::path(post, path = "/api/v1/deployments", tag = "deployments", request_body = CreateBody, responses((status = 201, description = "Created; the rollout starts.", body = DeploymentCreated), (status = 400, description = "`invalid_deployment`, `malformed_json`, `invalid_request`.", body = kernex_protocol::wire::ErrorBody), (status = 404, description = "`unknown_bundle`, `unknown_device`.", body = kernex_protocol::wire::ErrorBody), (status = 403, description = "`forbidden`: the key's role is below operator.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
 pub async fn create(
     State(state): State<AppState>,
     principal: Principal,
@@ -106,7 +126,10 @@ pub async fn create(
     )
     .await;
     state.rollouts.wake();
-    Ok((StatusCode::CREATED, Json(json!({"id": deployment.id}))))
+    Ok((
+        StatusCode::CREATED,
+        Json(DeploymentCreated { id: deployment.id }),
+    ))
 }
 
 /// The target list: explicit ids (each must be a live device of the tenant) or a selector.
@@ -160,6 +183,7 @@ async fn resolve_targets(
     Ok(targets)
 }
 
+#[utoipa::path(get, path = "/api/v1/deployments", tag = "deployments", responses((status = 200, description = "The tenant's deployments with aggregates (without `devices`).", body = [crate::db::deployments::DeploymentView])), security(("api_key" = [])))]
 pub async fn list(State(state): State<AppState>, principal: Principal) -> ApiResult<Json<Value>> {
     let list = deployments::list(&state.db, &principal.tenant_id).await?;
     let mut views = Vec::with_capacity(list.len());
@@ -174,6 +198,7 @@ pub async fn list(State(state): State<AppState>, principal: Principal) -> ApiRes
     Ok(Json(json!(views)))
 }
 
+#[utoipa::path(get, path = "/api/v1/deployments/{id}", tag = "deployments", params(("id" = String, Path, description = "Deployment id")), responses((status = 200, description = "The deployment with its devices.", body = crate::db::deployments::DeploymentView), (status = 404, description = "`unknown_deployment`.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
 pub async fn get(
     State(state): State<AppState>,
     principal: Principal,
@@ -223,6 +248,7 @@ async fn act(
     Ok(Json(json!(deployment.view(&devices))))
 }
 
+#[utoipa::path(post, path = "/api/v1/deployments/{id}/pause", tag = "deployments", params(("id" = String, Path, description = "Deployment id")), responses((status = 200, description = "The deployment after the change.", body = crate::db::deployments::DeploymentView), (status = 404, description = "`unknown_deployment`.", body = kernex_protocol::wire::ErrorBody), (status = 403, description = "`forbidden`: the key's role is below operator.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
 pub async fn pause(
     State(state): State<AppState>,
     principal: Principal,
@@ -231,6 +257,7 @@ pub async fn pause(
     act(state, principal, id, Action::Pause).await
 }
 
+#[utoipa::path(post, path = "/api/v1/deployments/{id}/resume", tag = "deployments", params(("id" = String, Path, description = "Deployment id")), responses((status = 200, description = "The deployment after the change.", body = crate::db::deployments::DeploymentView), (status = 404, description = "`unknown_deployment`.", body = kernex_protocol::wire::ErrorBody), (status = 403, description = "`forbidden`: the key's role is below operator.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
 pub async fn resume(
     State(state): State<AppState>,
     principal: Principal,
@@ -239,6 +266,7 @@ pub async fn resume(
     act(state, principal, id, Action::Resume).await
 }
 
+#[utoipa::path(post, path = "/api/v1/deployments/{id}/cancel", tag = "deployments", params(("id" = String, Path, description = "Deployment id")), responses((status = 200, description = "The deployment after the change.", body = crate::db::deployments::DeploymentView), (status = 404, description = "`unknown_deployment`.", body = kernex_protocol::wire::ErrorBody), (status = 403, description = "`forbidden`: the key's role is below operator.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
 pub async fn cancel(
     State(state): State<AppState>,
     principal: Principal,
@@ -250,6 +278,7 @@ pub async fn cancel(
 /// `POST /api/v1/deployments/{id}/rollback`: cancels the deployment if it still runs and deploys
 /// the previous version of the bundle, explicitly allowed to downgrade, to every device that got
 /// (or was getting) the new one.
+#[utoipa::path(post, path = "/api/v1/deployments/{id}/rollback", tag = "deployments", params(("id" = String, Path, description = "Deployment id")), responses((status = 201, description = "A deployment of the previous version was created.", body = RollbackCreated), (status = 404, description = "`unknown_deployment`.", body = kernex_protocol::wire::ErrorBody), (status = 409, description = "`bundle_retired`, `no_previous_version`, `nothing_to_roll_back`.", body = kernex_protocol::wire::ErrorBody), (status = 403, description = "`forbidden`: the key's role is below operator.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
 pub async fn rollback(
     State(state): State<AppState>,
     principal: Principal,
@@ -322,11 +351,15 @@ pub async fn rollback(
     state.rollouts.wake();
     Ok((
         StatusCode::CREATED,
-        Json(json!({"id": created.id, "version": previous.version})),
+        Json(RollbackCreated {
+            id: created.id,
+            version: previous.version,
+        }),
     ))
 }
 
 /// `POST /api/v1/deployments/{id}/status`: a device reports a state change of its deployment.
+#[utoipa::path(post, path = "/api/v1/deployments/{id}/status", tag = "device protocol", request_body = kernex_protocol::wire::DeploymentReport, params(("id" = String, Path, description = "Deployment id")), responses((status = 200, description = "Recorded.", body = kernex_protocol::wire::DeploymentReportResponse), (status = 400, description = "`malformed_json`, `invalid_request`.", body = kernex_protocol::wire::ErrorBody), (status = 404, description = "`unknown_deployment`.", body = kernex_protocol::wire::ErrorBody)), security(("device_token" = [])))]
 pub async fn report(
     State(state): State<AppState>,
     DeviceAuth(claims): DeviceAuth,
@@ -348,7 +381,7 @@ pub async fn report(
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LabelsBody {
     labels: BTreeMap<String, String>,
@@ -356,12 +389,13 @@ pub struct LabelsBody {
 
 /// `PUT /api/v1/devices/{id}/labels`: replaces the device's labels (selectors match them; the
 /// `class` label is the device class bundles declare compatibility with).
+#[utoipa::path(put, path = "/api/v1/devices/{id}/labels", tag = "devices", request_body = LabelsBody, params(("id" = String, Path, description = "Device id")), responses((status = 200, description = "The device's labels now.", body = DeviceLabels), (status = 400, description = "`invalid_labels`, `malformed_json`, `invalid_request`.", body = kernex_protocol::wire::ErrorBody), (status = 404, description = "`unknown_device`.", body = kernex_protocol::wire::ErrorBody), (status = 403, description = "`forbidden`: the key's role is below operator.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
 pub async fn put_labels(
     State(state): State<AppState>,
     principal: Principal,
     Path(id): Path<String>,
     ApiJson(body): ApiJson<LabelsBody>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<DeviceLabels>> {
     principal.require(Role::Operator)?;
     for (k, v) in &body.labels {
         let valid = |s: &str, max: usize| {
@@ -396,5 +430,8 @@ pub async fn put_labels(
         json!({"labels": body.labels}),
     )
     .await;
-    Ok(Json(json!({"id": id, "labels": body.labels})))
+    Ok(Json(DeviceLabels {
+        id,
+        labels: body.labels,
+    }))
 }

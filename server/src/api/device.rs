@@ -48,6 +48,7 @@ fn signature_error(e: SigningError) -> ApiError {
 
 /// `POST /api/v1/enroll`. Idempotent: the same key, or the same hardware id with a new key (a
 /// re-installed appliance), gets the same device back.
+#[utoipa::path(post, path = "/api/v1/enroll", tag = "device protocol", request_body = kernex_protocol::wire::EnrollRequest, params(("kernex-signature" = String, Header, description = "Base64 RSA signature of the exact body by the device key")), responses((status = 201, description = "Enrolled a new device.", body = kernex_protocol::wire::EnrollResponse), (status = 200, description = "The same device again (same key, or same hardware id re-keyed).", body = kernex_protocol::wire::EnrollResponse), (status = 400, description = "`invalid_public_key`, `invalid_hardware_id`, `malformed_json`, `invalid_request`.", body = kernex_protocol::wire::ErrorBody), (status = 401, description = "`missing_signature`, `bad_signature`, `invalid_token`.", body = kernex_protocol::wire::ErrorBody), (status = 403, description = "`token_revoked`, `token_expired`, `token_exhausted`, `device_deregistered`.", body = kernex_protocol::wire::ErrorBody), (status = 409, description = "`enrollment_conflict`: retry.", body = kernex_protocol::wire::ErrorBody)))]
 pub async fn enroll(
     State(state): State<AppState>,
     body: SignedBody,
@@ -231,6 +232,7 @@ fn exhausted() -> ApiError {
 }
 
 /// `POST /api/v1/auth`: one RSA verification, then a bearer token for heartbeats.
+#[utoipa::path(post, path = "/api/v1/auth", tag = "device protocol", request_body = kernex_protocol::wire::AuthRequest, params(("kernex-signature" = String, Header, description = "Base64 RSA signature of the exact body by the device key")), responses((status = 200, description = "A device token for heartbeats.", body = kernex_protocol::wire::AuthResponse), (status = 400, description = "`malformed_json`, `invalid_request`.", body = kernex_protocol::wire::ErrorBody), (status = 401, description = "`missing_signature`, `bad_signature`, `clock_skew`, `replayed_request`.", body = kernex_protocol::wire::ErrorBody), (status = 403, description = "`device_deregistered`.", body = kernex_protocol::wire::ErrorBody), (status = 404, description = "`unknown_device`.", body = kernex_protocol::wire::ErrorBody)))]
 pub async fn auth(
     State(state): State<AppState>,
     body: SignedBody,
@@ -314,6 +316,7 @@ struct StoredTelemetry<'a> {
 }
 
 /// `POST /api/v1/heartbeat`: store telemetry and acks, answer with the interval and open commands.
+#[utoipa::path(post, path = "/api/v1/heartbeat", tag = "device protocol", request_body = kernex_protocol::wire::HeartbeatRequest, responses((status = 200, description = "The next interval and the open commands.", body = kernex_protocol::wire::HeartbeatResponse), (status = 400, description = "`too_many_acks`, `invalid_interval`, `malformed_json`, `invalid_request`.", body = kernex_protocol::wire::ErrorBody), (status = 403, description = "`device_deregistered`.", body = kernex_protocol::wire::ErrorBody), (status = 404, description = "`unknown_device`.", body = kernex_protocol::wire::ErrorBody)), security(("device_token" = [])))]
 pub async fn heartbeat(
     State(state): State<AppState>,
     DeviceJson(claims, request): DeviceJson<HeartbeatRequest>,

@@ -8,6 +8,7 @@ mod deployments;
 mod device;
 mod extract;
 pub mod limits;
+pub mod openapi;
 mod rest;
 mod webhooks;
 
@@ -158,6 +159,7 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(rest::healthz))
         .route("/readyz", get(rest::readyz))
         .route("/metrics", get(rest::metrics))
+        .route(&v1("/openapi.json"), get(openapi::openapi_json))
         .fallback(|| async { ApiError::not_found("not_found", "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::MethodNotAllowed {
@@ -253,6 +255,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),
+    ("GET", "/api/v1/openapi.json"),
 ];
 
 /// What the code serving a request may want to know about it without being handed it (the audit
@@ -416,6 +419,132 @@ mod tests {
                 "{method} {path}: {status} {text}"
             );
         }
+    }
+
+    /// The routes `app` registers, read from this file's source: `(template, methods)`. Routes of
+    /// the web console (`/console`) are pages, not API, and stay out of the document.
+    fn routes_in_source() -> std::collections::BTreeMap<String, Vec<String>> {
+        let source = include_str!("mod.rs");
+        let body = source
+            .split("pub fn app(state: AppState) -> Router {")
+            .nth(1)
+            .and_then(|rest| rest.split("\n}\n").next())
+            .expect("mod.rs has `pub fn app`");
+        let mut routes = std::collections::BTreeMap::new();
+        for call in body.split(".route(").skip(1) {
+            let call: String = call.split_whitespace().collect();
+            let (path, handlers) = if let Some(rest) = call.strip_prefix("&v1(\"") {
+                let (path, rest) = rest.split_once('"').unwrap();
+                (format!("{}{path}", kernex_protocol::API_PREFIX), rest)
+            } else {
+                let rest = call.strip_prefix('"').expect("a route template literal");
+                let (path, rest) = rest.split_once('"').unwrap();
+                (path.to_owned(), rest)
+            };
+            if path.starts_with("/console") {
+                continue;
+            }
+            // The method routers chained after the template: `get(a).post(b)`, `routing::put(c)`.
+            let mut methods: Vec<String> = ["get", "post", "put", "delete", "patch"]
+                .iter()
+                .filter(|m| {
+                    handlers.contains(&format!(",{m}("))
+                        || handlers.contains(&format!(".{m}("))
+                        || handlers.contains(&format!("::{m}("))
+                })
+                .map(|m| m.to_uppercase())
+                .collect();
+            methods.sort();
+            routes.insert(path, methods);
+        }
+        routes
+    }
+
+    #[tokio::test]
+    async fn every_route_of_the_router_is_documented() {
+        let from_source = routes_in_source();
+        assert!(from_source.len() > 30, "{from_source:?}");
+        let doc = openapi::document();
+        let documented: std::collections::BTreeMap<String, Vec<String>> = doc
+            .paths
+            .paths
+            .iter()
+            .map(|(path, item)| {
+                let mut methods: Vec<String> = [
+                    ("GET", item.get.is_some()),
+                    ("POST", item.post.is_some()),
+                    ("PUT", item.put.is_some()),
+                    ("DELETE", item.delete.is_some()),
+                    ("PATCH", item.patch.is_some()),
+                ]
+                .iter()
+                .filter(|(_, present)| *present)
+                .map(|(m, _)| m.to_string())
+                .collect();
+                methods.sort();
+                (path.clone(), methods)
+            })
+            .collect();
+        assert_eq!(documented, from_source, "the OpenAPI document vs `app`");
+        // And the source reading against the real router: every documented method is served, every
+        // other one is refused with 405 (so a method added to a route without its documentation
+        // is caught too).
+        let dir = tempfile::tempdir().unwrap();
+        let app = test_app(dir.path()).await;
+        let mut table: Vec<(String, String)> = ROUTES
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        table.sort();
+        let mut from_doc: Vec<(String, String)> = documented
+            .iter()
+            .flat_map(|(p, ms)| ms.iter().map(move |m| (m.clone(), p.clone())))
+            .collect();
+        from_doc.sort();
+        assert_eq!(from_doc, table, "the OpenAPI document vs ROUTES");
+        for (path, methods) in &documented {
+            let uri = path.replace(['{', '}'], "");
+            for method in ["GET", "POST", "PUT", "DELETE", "PATCH"] {
+                let response = app
+                    .clone()
+                    .oneshot(
+                        Request::builder()
+                            .method(method)
+                            .uri(&uri)
+                            .body(Body::empty())
+                            .unwrap(),
+                    )
+                    .await
+                    .unwrap();
+                let served = response.status() != StatusCode::METHOD_NOT_ALLOWED;
+                assert_eq!(
+                    served,
+                    methods.iter().any(|m| m == method),
+                    "{method} {path}: {}",
+                    response.status()
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_openapi_document_is_served_without_credentials() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = test_app(dir.path()).await;
+        let (status, body) = call(
+            app,
+            Request::get("/api/v1/openapi.json")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["openapi"], "3.1.0");
+        assert_eq!(
+            body["components"]["securitySchemes"]["api_key"]["scheme"],
+            "bearer"
+        );
+        assert!(body["paths"]["/api/v1/devices/{id}"]["get"]["responses"]["404"].is_object());
     }
 
     async fn call(app: Router, request: Request<Body>) -> (StatusCode, serde_json::Value) {

@@ -16,16 +16,29 @@ use serde_json::{json, Value};
 
 type ApiResult<T> = Result<T, ApiError>;
 
+#[utoipa::path(get, path = "/healthz", tag = "probes", responses((status = 200, description = "The process is up.", body = String, content_type = "text/plain")))]
 pub async fn healthz() -> &'static str {
     "ok"
 }
 
+/// `GET /readyz` when ready.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Readiness {
+    /// Always `ready` (otherwise the answer is a 503 error).
+    #[schema(example = "ready")]
+    status: &'static str,
+    /// `sqlite` or `postgres`.
+    database: &'static str,
+}
+
 /// Ready when the database answers and has every migration this binary carries.
-pub async fn readyz(State(state): State<AppState>) -> ApiResult<Json<Value>> {
+#[utoipa::path(get, path = "/readyz", tag = "probes", responses((status = 200, description = "Ready: the database answers and has every migration.", body = Readiness)))]
+pub async fn readyz(State(state): State<AppState>) -> ApiResult<Json<Readiness>> {
     match state.db.readiness().await {
-        Ok(()) => Ok(Json(
-            json!({"status": "ready", "database": state.db.backend()}),
-        )),
+        Ok(()) => Ok(Json(Readiness {
+            status: "ready",
+            database: state.db.backend(),
+        })),
         Err(crate::db::NotReady::Unreachable(why)) => {
             tracing::warn!(error = %why, "not ready: the database does not answer");
             Err(ApiError::DatabaseUnavailable { retry_after_s: 5 })
@@ -38,6 +51,7 @@ pub async fn readyz(State(state): State<AppState>) -> ApiResult<Json<Value>> {
 
 /// Prometheus metrics (text format). Open like `/healthz`: expose it only where Prometheus can
 /// reach it.
+#[utoipa::path(get, path = "/metrics", tag = "probes", responses((status = 200, description = "Prometheus text format.", body = String, content_type = "text/plain; version=0.0.4; charset=utf-8")))]
 pub async fn metrics(State(state): State<AppState>) -> axum::response::Response {
     use axum::response::IntoResponse as _;
     match state
@@ -60,6 +74,7 @@ pub async fn metrics(State(state): State<AppState>) -> axum::response::Response 
     }
 }
 
+#[utoipa::path(get, path = "/api/v1/tenants", tag = "tenants", responses((status = 200, description = "The caller's tenant (a key sees one tenant).", body = [crate::db::tenants::TenantView])), security(("api_key" = [])))]
 pub async fn list_tenants(
     State(state): State<AppState>,
     principal: Principal,
@@ -68,6 +83,7 @@ pub async fn list_tenants(
     Ok(Json(json!([tenant.view()])))
 }
 
+#[utoipa::path(get, path = "/api/v1/tenants/{name}", tag = "tenants", params(("name" = String, Path, description = "Tenant name")), responses((status = 200, description = "The tenant.", body = crate::db::tenants::TenantView), (status = 404, description = "`unknown_tenant`: not the caller's tenant.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
 pub async fn get_tenant(
     State(state): State<AppState>,
     principal: Principal,
@@ -83,7 +99,7 @@ pub async fn get_tenant(
     Ok(Json(json!(tenant.view())))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTokenBody {
     /// Devices it may enroll; absent = unlimited.
@@ -96,14 +112,15 @@ pub struct CreateTokenBody {
     description: String,
 }
 
-#[derive(Debug, Serialize)]
-struct CreatedToken {
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct CreatedToken {
     /// The whole token: shown this once.
     token: String,
     #[serde(flatten)]
     details: tokens::BootstrapTokenView,
 }
 
+#[utoipa::path(post, path = "/api/v1/tokens", tag = "tokens", request_body = CreateTokenBody, responses((status = 201, description = "Created; `token` is shown this once.", body = CreatedToken), (status = 400, description = "`invalid_ttl`, `malformed_json`, `invalid_request`.", body = kernex_protocol::wire::ErrorBody), (status = 403, description = "`forbidden`: the key's role is below admin.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
 pub async fn create_token(
     State(state): State<AppState>,
     principal: Principal,
@@ -143,6 +160,7 @@ pub async fn create_token(
     ))
 }
 
+#[utoipa::path(get, path = "/api/v1/tokens", tag = "tokens", responses((status = 200, description = "The tenant's bootstrap tokens.", body = [crate::db::tokens::BootstrapTokenView])), security(("api_key" = [])))]
 pub async fn list_tokens(
     State(state): State<AppState>,
     principal: Principal,
@@ -154,6 +172,7 @@ pub async fn list_tokens(
         .collect::<Vec<_>>())))
 }
 
+#[utoipa::path(get, path = "/api/v1/tokens/{id}", tag = "tokens", params(("id" = String, Path, description = "Bootstrap token id")), responses((status = 200, description = "The token (never its secret).", body = crate::db::tokens::BootstrapTokenView), (status = 404, description = "`unknown_token`.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
 pub async fn get_token(
     State(state): State<AppState>,
     principal: Principal,
@@ -167,6 +186,7 @@ pub async fn get_token(
     Ok(Json(json!(row.view())))
 }
 
+#[utoipa::path(post, path = "/api/v1/tokens/{id}/revoke", tag = "tokens", params(("id" = String, Path, description = "Bootstrap token id")), responses((status = 200, description = "Revoked (idempotent).", body = crate::db::tokens::BootstrapTokenView), (status = 404, description = "`unknown_token`.", body = kernex_protocol::wire::ErrorBody), (status = 403, description = "`forbidden`: the key's role is below admin.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
 pub async fn revoke_token(
     State(state): State<AppState>,
     principal: Principal,
@@ -191,7 +211,7 @@ pub async fn revoke_token(
     Ok(Json(json!(row.view())))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateApiKeyBody {
     role: Role,
@@ -199,6 +219,15 @@ pub struct CreateApiKeyBody {
     description: String,
 }
 
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct CreatedApiKey {
+    /// The whole key (`kxk_...`): shown this once.
+    key: String,
+    #[serde(flatten)]
+    details: tokens::ApiKeyView,
+}
+
+#[utoipa::path(post, path = "/api/v1/apikeys", tag = "apikeys", request_body = CreateApiKeyBody, responses((status = 201, description = "Created; `key` is shown this once.", body = CreatedApiKey), (status = 400, description = "`malformed_json`, `invalid_request`.", body = kernex_protocol::wire::ErrorBody), (status = 403, description = "`forbidden`: the key's role is below admin.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
 pub async fn create_api_key(
     State(state): State<AppState>,
     principal: Principal,
@@ -221,11 +250,16 @@ pub async fn create_api_key(
         json!({"role": row.role}),
     )
     .await;
-    let mut view = json!(row.view());
-    view["key"] = Value::String(secret.expose());
-    Ok((StatusCode::CREATED, Json(view)))
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedApiKey {
+            key: secret.expose(),
+            details: row.view(),
+        }),
+    ))
 }
 
+#[utoipa::path(get, path = "/api/v1/apikeys", tag = "apikeys", responses((status = 200, description = "The tenant's API keys (never their secrets).", body = [crate::db::tokens::ApiKeyView]), (status = 403, description = "`forbidden`: the key's role is below admin.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
 pub async fn list_api_keys(
     State(state): State<AppState>,
     principal: Principal,
@@ -238,6 +272,7 @@ pub async fn list_api_keys(
         .collect::<Vec<_>>())))
 }
 
+#[utoipa::path(post, path = "/api/v1/apikeys/{id}/revoke", tag = "apikeys", params(("id" = String, Path, description = "API key id")), responses((status = 204, description = "Revoked (idempotent)."), (status = 404, description = "`unknown_api_key`.", body = kernex_protocol::wire::ErrorBody), (status = 403, description = "`forbidden`: the key's role is below admin.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
 pub async fn revoke_api_key(
     State(state): State<AppState>,
     principal: Principal,
@@ -266,13 +301,15 @@ pub async fn revoke_api_key(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceFilter {
     /// Only devices with this status (`pending`, `online`, `offline`, `deregistered`).
     status: Option<String>,
 }
 
+#[utoipa::path(get, path = "/api/v1/devices", tag = "devices", params(DeviceFilter), responses((status = 200, description = "The tenant's devices.", body = [crate::db::devices::DeviceView]), (status = 400, description = "`invalid_query`: an unknown parameter or value.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
 pub async fn list_devices(
     State(state): State<AppState>,
     principal: Principal,
@@ -304,6 +341,7 @@ async fn device_of(
         .ok_or_else(|| ApiError::not_found("unknown_device", format!("no device `{id}`")))
 }
 
+#[utoipa::path(get, path = "/api/v1/devices/{id}", tag = "devices", params(("id" = String, Path, description = "Device id")), responses((status = 200, description = "The device.", body = crate::db::devices::DeviceView), (status = 404, description = "`unknown_device`.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
 pub async fn get_device(
     State(state): State<AppState>,
     principal: Principal,
@@ -316,6 +354,7 @@ pub async fn get_device(
 }
 
 /// Deregisters a device: its next heartbeat is refused with `device_deregistered` and the agent stops.
+#[utoipa::path(delete, path = "/api/v1/devices/{id}", tag = "devices", params(("id" = String, Path, description = "Device id")), responses((status = 200, description = "Deregistered (idempotent); its next heartbeat is refused.", body = crate::db::devices::DeviceView), (status = 404, description = "`unknown_device`.", body = kernex_protocol::wire::ErrorBody), (status = 403, description = "`forbidden`: the key's role is below operator.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
 pub async fn deregister_device(
     State(state): State<AppState>,
     principal: Principal,
@@ -350,7 +389,7 @@ pub async fn deregister_device(
     )))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct QueueCommandBody {
     kind: String,
@@ -358,6 +397,7 @@ pub struct QueueCommandBody {
     args: Value,
 }
 
+#[utoipa::path(post, path = "/api/v1/devices/{id}/commands", tag = "devices", request_body = QueueCommandBody, params(("id" = String, Path, description = "Device id")), responses((status = 201, description = "Queued; delivered with the device's next heartbeat.", body = crate::db::commands::CommandView), (status = 400, description = "`invalid_command`, `malformed_json`, `invalid_request`.", body = kernex_protocol::wire::ErrorBody), (status = 404, description = "`unknown_device`.", body = kernex_protocol::wire::ErrorBody), (status = 409, description = "`device_deregistered`.", body = kernex_protocol::wire::ErrorBody), (status = 403, description = "`forbidden`: the key's role is below operator.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
 pub async fn queue_command(
     State(state): State<AppState>,
     principal: Principal,
@@ -396,6 +436,7 @@ pub async fn queue_command(
     Ok((StatusCode::CREATED, Json(command.view())))
 }
 
+#[utoipa::path(get, path = "/api/v1/devices/{id}/commands", tag = "devices", params(("id" = String, Path, description = "Device id")), responses((status = 200, description = "The device's commands.", body = [crate::db::commands::CommandView]), (status = 404, description = "`unknown_device`.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
 pub async fn list_commands(
     State(state): State<AppState>,
     principal: Principal,
@@ -409,6 +450,7 @@ pub async fn list_commands(
         .collect::<Vec<_>>())))
 }
 
+#[utoipa::path(get, path = "/api/v1/devices/{id}/commands/{command}", tag = "devices", params(("id" = String, Path, description = "Device id"), ("command" = String, Path, description = "Command id")), responses((status = 200, description = "The command with its result.", body = crate::db::commands::CommandView), (status = 404, description = "`unknown_device`, `unknown_command`.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
 pub async fn get_command(
     State(state): State<AppState>,
     principal: Principal,
@@ -426,7 +468,8 @@ pub async fn get_command(
     Ok(Json(json!(row.view())))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct AuditQuery {
     /// At most this many events (default 100; up to 1000, or 100000 for ndjson/csv exports).
@@ -468,6 +511,7 @@ fn parse_time(name: &str, value: Option<&str>) -> ApiResult<Option<i64>> {
 }
 
 /// `GET /api/v1/audit`: the tenant's audit trail, filtered, as JSON or exported as NDJSON or CSV.
+#[utoipa::path(get, path = "/api/v1/audit", tag = "audit", params(AuditQuery), responses((status = 200, description = "The tenant's audit events, newest first: a JSON array, or one JSON object per line (`format=ndjson`), or CSV (`format=csv`).", content(([crate::db::audit::AuditEventView] = "application/json"), (String = "application/x-ndjson"), (String = "text/csv"))), (status = 400, description = "`invalid_query`: a bad time, format or number.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
 pub async fn list_audit(
     State(state): State<AppState>,
     principal: Principal,

@@ -21,7 +21,7 @@ pub struct AuditEvent {
     pub after_state: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct AuditEventView {
     pub id: i64,
     pub at: String,

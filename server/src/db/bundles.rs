@@ -16,7 +16,7 @@ pub struct PublisherKey {
     pub revoked_at: Option<i64>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct PublisherKeyView {
     pub id: String,
     pub fingerprint: String,
@@ -103,7 +103,7 @@ pub struct Bundle {
     pub deleted_at: Option<i64>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct BundleView {
     pub id: String,
     pub name: String,

@@ -26,7 +26,7 @@ pub struct Command {
 const COMMAND_COLUMNS: &str =
     "id, device_id, kind, args, state, created_by, created_at, delivered_at, deliveries, completed_at, output";
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CommandView {
     pub id: String,
     pub device_id: String,

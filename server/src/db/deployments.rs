@@ -102,6 +102,29 @@ impl<'de> Deserialize<'de> for Phase {
     }
 }
 
+/// The schema of a phase in the OpenAPI document, beside the hand-written serde above.
+impl utoipa::PartialSchema for Phase {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
+        OneOfBuilder::new()
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .minimum(Some(1))
+                    .description(Some("Devices covered by the end of the phase")),
+            )
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .pattern(Some(r"^[0-9]+(\.[0-9]+)?%$"))
+                    .description(Some("Share of the targets, above 0% and at most 100%")),
+            )
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Phase {}
+
 impl Phase {
     /// Devices covered by the end of this phase, out of `total`.
     fn reach(self, total: u64) -> u64 {
@@ -144,7 +167,7 @@ pub fn assign_phases(phases: &[Phase], total: u64) -> Result<Vec<i64>, String> {
 }
 
 /// A deployment as the API shows it, with per-phase and per-state aggregates.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct DeploymentView {
     pub id: String,
     pub bundle: String,
@@ -165,10 +188,12 @@ pub struct DeploymentView {
     pub totals: BTreeMap<String, u64>,
     /// Devices per state, per phase.
     pub phase_totals: Vec<BTreeMap<String, u64>>,
+    /// Absent from the list (`GET /api/v1/deployments`), present for one deployment.
+    #[schema(required = false)]
     pub devices: Vec<DeploymentDeviceView>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct DeploymentDeviceView {
     pub id: String,
     pub phase: i64,

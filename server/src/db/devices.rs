@@ -29,7 +29,7 @@ pub struct Device {
 }
 
 /// Liveness as operators see it, derived from the last heartbeat (never stored, so never stale).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceStatus {
     /// Enrolled, no heartbeat yet.
@@ -40,7 +40,7 @@ pub enum DeviceStatus {
     Deregistered,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct DeviceView {
     pub id: String,
     pub hardware_id: String,

@@ -12,7 +12,7 @@ pub struct Tenant {
 }
 
 /// A tenant as the API and `--json` show it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct TenantView {
     pub id: String,
     pub name: String,

@@ -21,7 +21,7 @@ pub struct BootstrapToken {
 }
 
 /// Whether a bootstrap token can enroll a new device now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum TokenState {
     Active,
@@ -30,7 +30,7 @@ pub enum TokenState {
     Exhausted,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct BootstrapTokenView {
     pub id: String,
     pub state: TokenState,
@@ -191,6 +191,7 @@ pub async fn revoke_bootstrap_token(
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum,
 )]
+#[derive(utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Reads everything in its tenant.
@@ -231,7 +232,7 @@ pub struct ApiKey {
     pub created_at: i64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ApiKeyView {
     pub id: String,
     pub role: String,
