@@ -25,7 +25,7 @@ type ApiResult<T> = Result<T, ApiError>;
 const MANIFEST_HEAD: usize = 128 * 1024;
 
 /// `POST /api/v1/publisher-keys`: the body is a PEM public key; the tenant's agents trust it.
-#[utoipa::path(post, path = "/api/v1/publisher-keys", tag = "bundles", request_body(content = String, content_type = "application/x-pem-file", description = "PEM public key (RSA) of a bundle publisher"), responses((status = 201, description = "Trusted.", body = crate::db::bundles::PublisherKeyView), (status = 200, description = "Already trusted.", body = crate::db::bundles::PublisherKeyView), (status = 400, description = "`invalid_key`.", body = kernex_protocol::wire::ErrorBody), (status = 403, description = "`forbidden`: the key's role is below admin.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
+#[utoipa::path(post, path = "/api/v1/publisher-keys", tag = "bundles", request_body(content = String, content_type = "text/plain", description = "PEM public key (RSA) of a bundle publisher"), responses((status = 201, description = "Trusted.", body = crate::db::bundles::PublisherKeyView), (status = 200, description = "Already trusted.", body = crate::db::bundles::PublisherKeyView), (status = 400, description = "`invalid_key`.", body = kernex_protocol::wire::ErrorBody), (status = 403, description = "`forbidden`: the key's role is below admin.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
 pub async fn add_publisher_key(
     State(state): State<AppState>,
     principal: Principal,

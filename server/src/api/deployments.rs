@@ -248,7 +248,7 @@ async fn act(
     Ok(Json(json!(deployment.view(&devices))))
 }
 
-#[utoipa::path(post, path = "/api/v1/deployments/{id}/pause", tag = "deployments", params(("id" = String, Path, description = "Deployment id")), responses((status = 200, description = "The deployment after the change.", body = crate::db::deployments::DeploymentView), (status = 404, description = "`unknown_deployment`.", body = kernex_protocol::wire::ErrorBody), (status = 403, description = "`forbidden`: the key's role is below operator.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
+#[utoipa::path(post, path = "/api/v1/deployments/{id}/pause", tag = "deployments", params(("id" = String, Path, description = "Deployment id")), responses((status = 200, description = "The deployment after the change.", body = crate::db::deployments::DeploymentView), (status = 404, description = "`unknown_deployment`.", body = kernex_protocol::wire::ErrorBody), (status = 409, description = "`invalid_state`: not in a state this action applies to (e.g. resuming a cancelled deployment), or changed meanwhile.", body = kernex_protocol::wire::ErrorBody), (status = 403, description = "`forbidden`: the key's role is below operator.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
 pub async fn pause(
     State(state): State<AppState>,
     principal: Principal,
@@ -257,7 +257,7 @@ pub async fn pause(
     act(state, principal, id, Action::Pause).await
 }
 
-#[utoipa::path(post, path = "/api/v1/deployments/{id}/resume", tag = "deployments", params(("id" = String, Path, description = "Deployment id")), responses((status = 200, description = "The deployment after the change.", body = crate::db::deployments::DeploymentView), (status = 404, description = "`unknown_deployment`.", body = kernex_protocol::wire::ErrorBody), (status = 403, description = "`forbidden`: the key's role is below operator.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
+#[utoipa::path(post, path = "/api/v1/deployments/{id}/resume", tag = "deployments", params(("id" = String, Path, description = "Deployment id")), responses((status = 200, description = "The deployment after the change.", body = crate::db::deployments::DeploymentView), (status = 404, description = "`unknown_deployment`.", body = kernex_protocol::wire::ErrorBody), (status = 409, description = "`invalid_state`: not in a state this action applies to (e.g. resuming a cancelled deployment), or changed meanwhile.", body = kernex_protocol::wire::ErrorBody), (status = 403, description = "`forbidden`: the key's role is below operator.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
 pub async fn resume(
     State(state): State<AppState>,
     principal: Principal,
@@ -266,7 +266,7 @@ pub async fn resume(
     act(state, principal, id, Action::Resume).await
 }
 
-#[utoipa::path(post, path = "/api/v1/deployments/{id}/cancel", tag = "deployments", params(("id" = String, Path, description = "Deployment id")), responses((status = 200, description = "The deployment after the change.", body = crate::db::deployments::DeploymentView), (status = 404, description = "`unknown_deployment`.", body = kernex_protocol::wire::ErrorBody), (status = 403, description = "`forbidden`: the key's role is below operator.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
+#[utoipa::path(post, path = "/api/v1/deployments/{id}/cancel", tag = "deployments", params(("id" = String, Path, description = "Deployment id")), responses((status = 200, description = "The deployment after the change.", body = crate::db::deployments::DeploymentView), (status = 404, description = "`unknown_deployment`.", body = kernex_protocol::wire::ErrorBody), (status = 409, description = "`invalid_state`: not in a state this action applies to (e.g. resuming a cancelled deployment), or changed meanwhile.", body = kernex_protocol::wire::ErrorBody), (status = 403, description = "`forbidden`: the key's role is below operator.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
 pub async fn cancel(
     State(state): State<AppState>,
     principal: Principal,
