@@ -485,7 +485,19 @@ mod tests {
                 (path.clone(), methods)
             })
             .collect();
-        assert_eq!(documented, from_source, "the OpenAPI document vs `app`");
+        let undocumented: Vec<_> = from_source
+            .iter()
+            .filter(|(path, methods)| documented.get(*path) != Some(methods))
+            .collect();
+        let stale: Vec<_> = documented
+            .iter()
+            .filter(|(path, methods)| from_source.get(*path) != Some(methods))
+            .collect();
+        assert!(
+            undocumented.is_empty() && stale.is_empty(),
+            "routes of `app` missing from the OpenAPI document (add #[utoipa::path] and list the \
+             handler in api::openapi::ApiDoc): {undocumented:?}; documented but not routed: {stale:?}"
+        );
         // And the source reading against the real router: every documented method is served, every
         // other one is refused with 405 (so a method added to a route without its documentation
         // is caught too).

@@ -226,7 +226,11 @@ fn add_common_responses(operation: &mut Operation) {
         "`rate_limited`: over the rate limit of this device, API key or address.",
         true,
     );
-    add(500, "`internal`: a server fault (details are logged, never returned).", false);
+    add(
+        500,
+        "`internal`: a server fault (details are logged, never returned).",
+        false,
+    );
     add(
         503,
         "Not served now: `database_unavailable`, `overloaded`, `timeout` or `not_ready`.",
