@@ -2,9 +2,9 @@
 # Checks the running server against its own OpenAPI document with schemathesis: a real
 # kernex-server (debug build) on loopback with a temporary SQLite data dir, seeded with a tenant, an
 # admin API key, a bootstrap token, devices that heartbeat, labels, a command, a publisher key, a
-# bundle and a deployment; then schemathesis fuzzes every operation with the key as bearer and
-# fails on any 5xx, any status the document does not list, and any response body or content type
-# that does not match the document.
+# bundle, a deployment and a webhook; then schemathesis fuzzes every operation (and sequences of
+# them, following the ids responses carry) with the key as bearer and fails on any 5xx, any status
+# the document does not list, and any response body, header or content type off the document.
 #
 #   scripts/openapi-check.sh [extra schemathesis options]
 #
@@ -92,6 +92,8 @@ api /publisher-keys -X POST --data-binary @"$work/publisher.pub.pem" >/dev/null
 api /bundles -X POST -H 'content-type: application/octet-stream' --data-binary @"$work/hello-1.0.0.kxb" >/dev/null
 bundle=$(api /bundles -X POST -H 'content-type: application/octet-stream' --data-binary @"$work/hello-1.1.0.kxb" | jq -er .id)
 api /deployments -X POST "${json[@]}" -d '{"bundle": "'"$bundle"'", "selector": {"labels": {"class": "edge"}}, "phases": [1, "100%"]}' >/dev/null
+# A webhook whose receiver is down (port 9, discard): its delivery log fills with failed attempts.
+api /webhooks -X POST "${json[@]}" -d '{"url": "http://127.0.0.1:9/hook", "events": ["*"]}' >/dev/null
 api /audit >/dev/null
 
 # Schemathesis follows the ids it reads (GET /apikeys included): the revocation of API keys runs
@@ -103,7 +105,7 @@ fuzz() {
     "$venv/bin/schemathesis" run "$url/api/v1/openapi.json" \
       --header "Authorization: Bearer $key" \
       --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,response_headers_conformance \
-      --phases examples,coverage,fuzzing \
+      --phases examples,coverage,fuzzing,stateful \
       --max-examples "${OPENAPI_MAX_EXAMPLES:-25}" \
       --workers 2 --request-timeout 10 --seed 1 \
       --suppress-health-check all \

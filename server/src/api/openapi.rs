@@ -7,7 +7,7 @@
 //! declares (security, body, query), so that the attributes list only what is particular to the
 //! route. `every_route_of_the_router_is_documented` keeps the document and the router in step.
 
-use super::{bundles, deployments, device, rest};
+use super::{bundles, deployments, device, rest, webhooks};
 use axum::http::header;
 use axum::response::IntoResponse;
 use kernex_protocol::wire::ErrorBody;
@@ -63,6 +63,10 @@ use utoipa::OpenApi;
         deployments::cancel,
         deployments::rollback,
         deployments::report,
+        webhooks::list,
+        webhooks::create,
+        webhooks::delete,
+        webhooks::deliveries,
         rest::healthz,
         rest::readyz,
         rest::metrics,
@@ -78,6 +82,7 @@ use utoipa::OpenApi;
         (name = "audit"),
         (name = "bundles", description = "Publisher keys, signed bundles and their download"),
         (name = "deployments"),
+        (name = "webhooks", description = "Signed event deliveries to the tenant's receivers (admin)"),
         (name = "probes", description = "Liveness, readiness and Prometheus metrics (no authentication)"),
     )
 )]

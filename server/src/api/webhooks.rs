@@ -16,13 +16,21 @@ use serde_json::{json, Value};
 
 type ApiResult<T> = Result<T, ApiError>;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateWebhookBody {
     url: String,
     /// Event kinds, or `["*"]`; all when absent.
     #[serde(default)]
     events: Vec<String>,
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct CreatedWebhook {
+    /// HMAC-SHA256 key of `kernex-webhook-signature`: shown this once.
+    secret: String,
+    #[serde(flatten)]
+    details: webhooks::WebhookView,
 }
 
 /// Checks a receiver URL: absolute http(s) with a host, no fragment.
@@ -42,6 +50,7 @@ fn check_url(url: &str) -> ApiResult<()> {
     Ok(())
 }
 
+#[utoipa::path(post, path = "/api/v1/webhooks", tag = "webhooks", request_body = CreateWebhookBody, responses((status = 201, description = "Subscribed; `secret` (the signing key) is shown this once.", body = CreatedWebhook), (status = 400, description = "`invalid_webhook`, `malformed_json`, `invalid_request`.", body = kernex_protocol::wire::ErrorBody), (status = 403, description = "`forbidden`: the key's role is below admin.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
 pub async fn create(
     State(state): State<AppState>,
     principal: Principal,
@@ -82,12 +91,17 @@ pub async fn create(
         json!({"events": hook.view().events}),
     )
     .await;
-    let mut view = json!(hook.view());
-    // The signing secret, shown this once.
-    view["secret"] = json!(secret);
-    Ok((StatusCode::CREATED, Json(view)))
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedWebhook {
+            // The signing secret, shown this once.
+            secret,
+            details: hook.view(),
+        }),
+    ))
 }
 
+#[utoipa::path(get, path = "/api/v1/webhooks", tag = "webhooks", responses((status = 200, description = "The tenant's webhooks (never their secrets).", body = [crate::db::webhooks::WebhookView]), (status = 403, description = "`forbidden`: the key's role is below admin.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
 pub async fn list(State(state): State<AppState>, principal: Principal) -> ApiResult<Json<Value>> {
     principal.require(Role::Admin)?;
     let hooks = webhooks::list(&state.db, &principal.tenant_id).await?;
@@ -101,6 +115,7 @@ fn unknown_webhook(id: &str) -> ApiError {
     ApiError::not_found("unknown_webhook", format!("no webhook `{id}`"))
 }
 
+#[utoipa::path(delete, path = "/api/v1/webhooks/{id}", tag = "webhooks", params(("id" = String, Path, description = "Webhook id")), responses((status = 204, description = "Deleted."), (status = 404, description = "`unknown_webhook`.", body = kernex_protocol::wire::ErrorBody), (status = 403, description = "`forbidden`: the key's role is below admin.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
 pub async fn delete(
     State(state): State<AppState>,
     principal: Principal,
@@ -127,6 +142,7 @@ pub async fn delete(
 }
 
 /// The delivery log: the newest 100 deliveries with their attempts, status and error.
+#[utoipa::path(get, path = "/api/v1/webhooks/{id}/deliveries", tag = "webhooks", params(("id" = String, Path, description = "Webhook id")), responses((status = 200, description = "The newest 100 deliveries with their attempts, status and error.", body = [crate::db::webhooks::DeliveryView]), (status = 404, description = "`unknown_webhook`.", body = kernex_protocol::wire::ErrorBody), (status = 403, description = "`forbidden`: the key's role is below admin.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
 pub async fn deliveries(
     State(state): State<AppState>,
     principal: Principal,

@@ -30,7 +30,7 @@ pub struct Webhook {
     pub created_at: i64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct WebhookView {
     pub id: String,
     pub url: String,
@@ -79,7 +79,7 @@ pub struct Delivery {
     pub delivered_at: Option<i64>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct DeliveryView {
     pub id: String,
     pub event_id: String,
