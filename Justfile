@@ -27,6 +27,7 @@ agent: agent-binary
 # Only build the static musl agent and check that it is static.
 agent-binary:
     cargo build -p kernex-agent --profile agent --target {{musl_target}}
+    @if cargo tree -q -p kernex-agent --target {{musl_target}} -e normal --prefix none | grep -q '^utoipa'; then echo "kernex-agent links utoipa: only kernex-server may turn on kernex-protocol's openapi feature" >&2; exit 1; fi
     @out=$(file {{agent_bin}}); echo "$out"; grep -q "static" <<<"$out" || { echo "kernex-agent is not static" >&2; exit 1; }
     @echo "kernex-agent (static musl, stripped): $(stat -c %s {{agent_bin}}) bytes"
 
@@ -110,10 +111,10 @@ iso tenant base *ARGS: agent-binary
 test-postgres: build agent-binary
     just _integration postgres
 
-# The running server against its own OpenAPI document (`GET /api/v1/openapi.json`): schemathesis
-# (PyPI, pinned, in target/schemathesis-venv) fuzzes every operation of a seeded debug server; any
-# 5xx, undocumented status or body off the schema fails. `just test-openapi --max-examples 200`
-# digs deeper.
+# schemathesis (PyPI, pinned, in target/schemathesis-venv) fuzzes every operation of a seeded debug
+# server; any 5xx, undocumented status or body off the schema fails. Deeper: `OPENAPI_MAX_EXAMPLES=200
+# just test-openapi --seed 7` (extra arguments go to schemathesis).
+# The running server against its own OpenAPI document (`GET /api/v1/openapi.json`).
 test-openapi *ARGS:
     cargo build -p kernex-server
     scripts/openapi-check.sh {{ARGS}}

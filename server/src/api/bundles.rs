@@ -3,14 +3,14 @@
 //! deployment released.
 
 use super::device::DeviceAuth;
-use super::extract::bearer;
+use super::extract::{bearer, ApiPath};
 use super::AppState;
 use crate::db::bundles::{self, Bundle};
 use crate::db::tokens::{Principal, Role};
 use crate::db::{audit, deployments, now_ms};
 use crate::error::ApiError;
 use axum::body::{Body, Bytes};
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::{FromRequestParts, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -86,7 +86,7 @@ pub struct PublisherKeyRevoked {
 pub async fn revoke_publisher_key(
     State(state): State<AppState>,
     principal: Principal,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<PublisherKeyRevoked>> {
     principal.require(Role::Admin)?;
     if !bundles::revoke_publisher_key(&state.db, &principal.tenant_id, &id).await? {
@@ -110,7 +110,7 @@ pub async fn revoke_publisher_key(
 
 /// `POST /api/v1/bundles`: the packed file, streamed. Written to the store while its archive is
 /// hashed; visible only after the signature, the manifest and the version have been checked.
-#[utoipa::path(post, path = "/api/v1/bundles", tag = "bundles", request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The packed bundle (`kernex-server bundle pack`), streamed"), responses((status = 201, description = "Stored and verified.", body = crate::db::bundles::BundleView), (status = 400, description = "`invalid_bundle`, `invalid_signature`, `upload_interrupted`.", body = kernex_protocol::wire::ErrorBody), (status = 409, description = "`no_publisher_keys`, `version_not_newer`.", body = kernex_protocol::wire::ErrorBody), (status = 403, description = "`forbidden`: the key's role is below operator.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
+#[utoipa::path(post, path = "/api/v1/bundles", tag = "bundles", request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The packed bundle (`kernex-server bundle pack`), streamed"), responses((status = 201, description = "Stored and verified.", body = crate::db::bundles::BundleView), (status = 400, description = "`invalid_bundle`, `invalid_signature`, `upload_interrupted`.", body = kernex_protocol::wire::ErrorBody), (status = 409, description = "`no_publisher_keys`, `version_not_newer`, `bundle_exists` (a concurrent upload of the same version won).", body = kernex_protocol::wire::ErrorBody), (status = 403, description = "`forbidden`: the key's role is below operator.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
 pub async fn upload(
     State(state): State<AppState>,
     principal: Principal,
@@ -289,7 +289,7 @@ pub async fn list(State(state): State<AppState>, principal: Principal) -> ApiRes
 pub async fn get(
     State(state): State<AppState>,
     principal: Principal,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<Value>> {
     let bundle = bundles::get(&state.db, &principal.tenant_id, &id)
         .await?
@@ -308,7 +308,7 @@ fn unknown_bundle(id: &str) -> ApiError {
 #[utoipa::path(get, path = "/api/v1/bundles/{id}/content", tag = "bundles", params(("id" = String, Path, description = "Bundle id"), ("Range" = Option<String>, Header, description = "One byte range, e.g. `bytes=100-`"), ("If-Range" = Option<String>, Header, description = "The ETag the download began with"), ("If-None-Match" = Option<String>, Header, description = "An ETag the client holds")), responses((status = 200, description = "The whole packed file.", body = Vec<u8>, content_type = "application/octet-stream"), (status = 206, description = "The requested range.", body = Vec<u8>, content_type = "application/octet-stream"), (status = 304, description = "Not modified (`If-None-Match`)."), (status = 307, description = "A device is sent to a presigned URL of the object store."), (status = 404, description = "`unknown_bundle`: none, or not released to this device.", body = kernex_protocol::wire::ErrorBody), (status = 416, description = "`range_not_satisfiable`.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = []), ("device_token" = [])))]
 pub async fn content(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     request: axum::extract::Request,
 ) -> ApiResult<Response> {
     let (mut parts, _) = request.into_parts();

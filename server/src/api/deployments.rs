@@ -2,13 +2,13 @@
 //! aggregates, pause / resume / cancel / roll back; and the device's status reports.
 
 use super::device::DeviceAuth;
-use super::extract::ApiJson;
+use super::extract::{ApiJson, ApiPath};
 use super::AppState;
 use crate::db::deployments::{self, Action, NewDeployment, Phase, Reported};
 use crate::db::tokens::{Principal, Role};
 use crate::db::{audit, bundles, devices};
 use crate::error::ApiError;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
@@ -82,7 +82,7 @@ pub struct DeviceLabels {
     labels: BTreeMap<String, String>,
 }
 
-#[utoipa::path(post, path = "/api/v1/deployments", tag = "deployments", request_body = CreateBody, responses((status = 201, description = "Created; the rollout starts.", body = DeploymentCreated), (status = 400, description = "`invalid_deployment`, `malformed_json`, `invalid_request`.", body = kernex_protocol::wire::ErrorBody), (status = 404, description = "`unknown_bundle`, `unknown_device`.", body = kernex_protocol::wire::ErrorBody), (status = 403, description = "`forbidden`: the key's role is below operator.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
+#[utoipa::path(post, path = "/api/v1/deployments", tag = "deployments", request_body = CreateBody, responses((status = 201, description = "Created; the rollout starts.", body = DeploymentCreated), (status = 400, description = "`invalid_deployment`, `invalid_phases`, `malformed_json`, `invalid_request`.", body = kernex_protocol::wire::ErrorBody), (status = 404, description = "`unknown_bundle`, `unknown_device`.", body = kernex_protocol::wire::ErrorBody), (status = 409, description = "`device_busy`: a target is being deployed this bundle by another deployment.", body = kernex_protocol::wire::ErrorBody), (status = 403, description = "`forbidden`: the key's role is below operator.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
 pub async fn create(
     State(state): State<AppState>,
     principal: Principal,
@@ -202,7 +202,7 @@ pub async fn list(State(state): State<AppState>, principal: Principal) -> ApiRes
 pub async fn get(
     State(state): State<AppState>,
     principal: Principal,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<Value>> {
     let deployment = deployments::get(&state.db, &principal.tenant_id, &id)
         .await?
@@ -252,7 +252,7 @@ async fn act(
 pub async fn pause(
     State(state): State<AppState>,
     principal: Principal,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<Value>> {
     act(state, principal, id, Action::Pause).await
 }
@@ -261,7 +261,7 @@ pub async fn pause(
 pub async fn resume(
     State(state): State<AppState>,
     principal: Principal,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<Value>> {
     act(state, principal, id, Action::Resume).await
 }
@@ -270,7 +270,7 @@ pub async fn resume(
 pub async fn cancel(
     State(state): State<AppState>,
     principal: Principal,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<Value>> {
     act(state, principal, id, Action::Cancel).await
 }
@@ -278,11 +278,11 @@ pub async fn cancel(
 /// `POST /api/v1/deployments/{id}/rollback`: cancels the deployment if it still runs and deploys
 /// the previous version of the bundle, explicitly allowed to downgrade, to every device that got
 /// (or was getting) the new one.
-#[utoipa::path(post, path = "/api/v1/deployments/{id}/rollback", tag = "deployments", params(("id" = String, Path, description = "Deployment id")), responses((status = 201, description = "A deployment of the previous version was created.", body = RollbackCreated), (status = 404, description = "`unknown_deployment`.", body = kernex_protocol::wire::ErrorBody), (status = 409, description = "`bundle_retired`, `no_previous_version`, `nothing_to_roll_back`.", body = kernex_protocol::wire::ErrorBody), (status = 403, description = "`forbidden`: the key's role is below operator.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
+#[utoipa::path(post, path = "/api/v1/deployments/{id}/rollback", tag = "deployments", params(("id" = String, Path, description = "Deployment id")), responses((status = 201, description = "A deployment of the previous version was created.", body = RollbackCreated), (status = 404, description = "`unknown_deployment`.", body = kernex_protocol::wire::ErrorBody), (status = 409, description = "`bundle_retired`, `no_previous_version`, `nothing_to_roll_back`, `device_busy`.", body = kernex_protocol::wire::ErrorBody), (status = 403, description = "`forbidden`: the key's role is below operator.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
 pub async fn rollback(
     State(state): State<AppState>,
     principal: Principal,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<impl IntoResponse> {
     principal.require(Role::Operator)?;
     let deployment = deployments::get(&state.db, &principal.tenant_id, &id)
@@ -363,7 +363,7 @@ pub async fn rollback(
 pub async fn report(
     State(state): State<AppState>,
     DeviceAuth(claims): DeviceAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(report): ApiJson<DeploymentReport>,
 ) -> ApiResult<Json<DeploymentReportResponse>> {
     match deployments::report(&state.db, &id, &claims.device_id, &report).await? {
@@ -393,7 +393,7 @@ pub struct LabelsBody {
 pub async fn put_labels(
     State(state): State<AppState>,
     principal: Principal,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<LabelsBody>,
 ) -> ApiResult<Json<DeviceLabels>> {
     principal.require(Role::Operator)?;

@@ -165,6 +165,22 @@ impl FromRequestParts<AppState> for Principal {
     }
 }
 
+/// `axum::extract::Path` with a JSON 400 `invalid_path` (a parameter that is not UTF-8 once
+/// percent-decoded), instead of axum's plain-text rejection.
+#[derive(Debug)]
+pub struct ApiPath<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| ApiPath(p.0))
+            .map_err(|e| ApiError::bad_request("invalid_path", e.body_text()))
+    }
+}
+
 /// `axum::extract::Query` with a JSON 400 `invalid_query` that names the bad parameter.
 #[derive(Debug)]
 pub struct ApiQuery<T>(pub T);

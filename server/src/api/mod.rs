@@ -539,6 +539,63 @@ mod tests {
         }
     }
 
+    /// Regression: a path parameter that is not UTF-8 once percent-decoded got axum's plain-text
+    /// 400, not the JSON error body the document promises (found while checking the document).
+    #[tokio::test]
+    async fn undecodable_path_parameters_get_a_json_400() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = test_app(dir.path()).await;
+        let db = Db::open(None, dir.path()).await.unwrap();
+        let tenant = crate::db::tenants::create(&db, "acme").await.unwrap();
+        let (key, _) =
+            crate::db::tokens::create_api_key(&db, &tenant.id, crate::db::tokens::Role::Admin, "")
+                .await
+                .unwrap();
+        let device_token = DeviceTokenKey::new(b"test").issue(&crate::device_token::DeviceClaims {
+            device_id: "d".into(),
+            tenant_id: tenant.id.clone(),
+            expires_at: i64::MAX,
+        });
+        let mut checked = 0;
+        for (method, template) in ROUTES.iter().filter(|(_, p)| p.contains('{')) {
+            let uri: String = template
+                .split('/')
+                .map(|part| if part.starts_with('{') { "%FF" } else { part })
+                .collect::<Vec<_>>()
+                .join("/");
+            let bearer = if template.ends_with("/status") {
+                device_token.clone()
+            } else {
+                key.expose()
+            };
+            let request = Request::builder()
+                .method(*method)
+                .uri(&uri)
+                .header("authorization", format!("Bearer {bearer}"))
+                .header("content-type", "application/json")
+                .body(Body::from("{}"))
+                .unwrap();
+            let response = app.clone().oneshot(request).await.unwrap();
+            let status = response.status();
+            let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+                panic!(
+                    "{method} {uri}: {status} {}",
+                    String::from_utf8_lossy(&bytes)
+                )
+            });
+            assert_eq!(
+                (status, body["error"]["code"].as_str()),
+                (StatusCode::BAD_REQUEST, Some("invalid_path")),
+                "{method} {uri}: {body}"
+            );
+            checked += 1;
+        }
+        assert!(checked > 20, "{checked} routes with parameters");
+    }
+
     #[tokio::test]
     async fn the_openapi_document_is_served_without_credentials() {
         let dir = tempfile::tempdir().unwrap();

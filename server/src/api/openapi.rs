@@ -169,11 +169,14 @@ fn add_common_responses(operation: &mut Operation) {
             .keys()
             .any(|content_type| content_type == "application/json")
     });
-    let has_query = operation.parameters.as_ref().is_some_and(|parameters| {
-        parameters
-            .iter()
-            .any(|p| matches!(p.parameter_in, ParameterIn::Query))
-    });
+    let has_parameter = |place: fn(&ParameterIn) -> bool| {
+        operation
+            .parameters
+            .as_ref()
+            .is_some_and(|parameters| parameters.iter().any(|p| place(&p.parameter_in)))
+    };
+    let has_query = has_parameter(|p| matches!(p, ParameterIn::Query));
+    let has_path = has_parameter(|p| matches!(p, ParameterIn::Path));
     let responses = &mut operation.responses.responses;
     let mut add = |status: u16, description: &str, retry_after: bool| {
         let mut response = ResponseBuilder::new().description(description).content(
@@ -194,14 +197,23 @@ fn add_common_responses(operation: &mut Operation) {
                     .build(),
             );
         }
-        responses
-            .entry(status.to_string())
-            .or_insert_with(|| response.build().into());
+        match responses.entry(status.to_string()) {
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                slot.insert(response.build().into());
+            }
+            // The route lists its own codes for this status; the shared ones are added to them.
+            std::collections::btree_map::Entry::Occupied(mut slot) => {
+                if let utoipa::openapi::RefOr::T(own) = slot.get_mut() {
+                    own.description = format!("{} Also: {description}", own.description);
+                }
+            }
+        }
     };
-    if json_body || has_query {
+    if json_body || has_query || has_path {
         add(
             400,
-            "The request is malformed: `malformed_json`, `invalid_request`, `invalid_query`.",
+            "The request is malformed: `malformed_json`, `invalid_request`, `invalid_query`, \
+             `invalid_path` (a path parameter that is not UTF-8).",
             false,
         );
     }

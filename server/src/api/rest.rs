@@ -1,12 +1,12 @@
 //! The operator REST API. Every handler takes a [`Principal`] (an API key) and sees only its tenant;
 //! a resource of another tenant is reported as not found.
 
-use super::extract::{ApiJson, ApiQuery};
+use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::AppState;
 use crate::db::tokens::{self, NewBootstrapToken, Principal, Role};
 use crate::db::{audit, commands, devices, now_ms, tenants};
 use crate::error::ApiError;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
@@ -87,7 +87,7 @@ pub async fn list_tenants(
 pub async fn get_tenant(
     State(state): State<AppState>,
     principal: Principal,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> ApiResult<Json<Value>> {
     if name != principal.tenant_name {
         return Err(ApiError::not_found(
@@ -120,7 +120,7 @@ pub struct CreatedToken {
     details: tokens::BootstrapTokenView,
 }
 
-#[utoipa::path(post, path = "/api/v1/tokens", tag = "tokens", request_body = CreateTokenBody, responses((status = 201, description = "Created; `token` is shown this once.", body = CreatedToken), (status = 400, description = "`invalid_ttl`, `malformed_json`, `invalid_request`.", body = kernex_protocol::wire::ErrorBody), (status = 403, description = "`forbidden`: the key's role is below admin.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
+#[utoipa::path(post, path = "/api/v1/tokens", tag = "tokens", request_body = CreateTokenBody, responses((status = 201, description = "Created; `token` is shown this once.", body = CreatedToken), (status = 400, description = "`invalid_ttl`, `invalid_uses`, `malformed_json`, `invalid_request`.", body = kernex_protocol::wire::ErrorBody), (status = 403, description = "`forbidden`: the key's role is below admin.", body = kernex_protocol::wire::ErrorBody)), security(("api_key" = [])))]
 pub async fn create_token(
     State(state): State<AppState>,
     principal: Principal,
@@ -176,7 +176,7 @@ pub async fn list_tokens(
 pub async fn get_token(
     State(state): State<AppState>,
     principal: Principal,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<Value>> {
     let row = tokens::bootstrap_token(&state.db, &principal.tenant_id, &id)
         .await?
@@ -190,7 +190,7 @@ pub async fn get_token(
 pub async fn revoke_token(
     State(state): State<AppState>,
     principal: Principal,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<Value>> {
     principal.require(Role::Admin)?;
     let before = tokens::bootstrap_token(&state.db, &principal.tenant_id, &id)
@@ -276,7 +276,7 @@ pub async fn list_api_keys(
 pub async fn revoke_api_key(
     State(state): State<AppState>,
     principal: Principal,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<StatusCode> {
     principal.require(Role::Admin)?;
     let keys = tokens::list_api_keys(&state.db, &principal.tenant_id).await?;
@@ -345,7 +345,7 @@ async fn device_of(
 pub async fn get_device(
     State(state): State<AppState>,
     principal: Principal,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<Value>> {
     let device = device_of(&state, &principal, &id).await?;
     Ok(Json(json!(
@@ -358,7 +358,7 @@ pub async fn get_device(
 pub async fn deregister_device(
     State(state): State<AppState>,
     principal: Principal,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<Value>> {
     principal.require(Role::Operator)?;
     let before = device_of(&state, &principal, &id)
@@ -401,7 +401,7 @@ pub struct QueueCommandBody {
 pub async fn queue_command(
     State(state): State<AppState>,
     principal: Principal,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<QueueCommandBody>,
 ) -> ApiResult<impl IntoResponse> {
     principal.require(Role::Operator)?;
@@ -440,7 +440,7 @@ pub async fn queue_command(
 pub async fn list_commands(
     State(state): State<AppState>,
     principal: Principal,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<Value>> {
     let device = device_of(&state, &principal, &id).await?;
     let rows = commands::list(&state.db, &device.id).await?;
@@ -454,7 +454,7 @@ pub async fn list_commands(
 pub async fn get_command(
     State(state): State<AppState>,
     principal: Principal,
-    Path((id, command)): Path<(String, String)>,
+    ApiPath((id, command)): ApiPath<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     let device = device_of(&state, &principal, &id).await?;
     let row = commands::get(&state.db, &device.id, &command)

@@ -1,13 +1,13 @@
 //! `/api/v1/webhooks`: subscriptions (admin only: a URL may carry the receiver's credentials) and
 //! their delivery log.
 
-use super::extract::ApiJson;
+use super::extract::{ApiJson, ApiPath};
 use super::AppState;
 use crate::db::audit;
 use crate::db::tokens::{Principal, Role};
 use crate::db::webhooks::{self, EVENT_KINDS};
 use crate::error::ApiError;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
@@ -119,7 +119,7 @@ fn unknown_webhook(id: &str) -> ApiError {
 pub async fn delete(
     State(state): State<AppState>,
     principal: Principal,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<StatusCode> {
     principal.require(Role::Admin)?;
     let before = webhooks::get(&state.db, &principal.tenant_id, &id)
@@ -146,7 +146,7 @@ pub async fn delete(
 pub async fn deliveries(
     State(state): State<AppState>,
     principal: Principal,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<Value>> {
     principal.require(Role::Admin)?;
     webhooks::get(&state.db, &principal.tenant_id, &id)
