@@ -161,11 +161,6 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics", get(rest::metrics))
         .route(&v1("/openapi.json"), get(openapi::openapi_json))
         .fallback(|| async { ApiError::not_found("not_found", "no such route") })
-        .method_not_allowed_fallback(|| async {
-            ApiError::MethodNotAllowed {
-                message: "method not allowed on this route".into(),
-            }
-        })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             read_whole_body,
@@ -181,6 +176,12 @@ pub fn app(state: AppState) -> Router {
                 .layer(DefaultBodyLimit::disable()),
         )
         .route(&v1("/bundles/{id}/content"), get(bundles::content))
+        // After the last route: it only reaches the routes added before it.
+        .method_not_allowed_fallback(|| async {
+            ApiError::MethodNotAllowed {
+                message: "method not allowed on this route".into(),
+            }
+        })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             limits::limit_requests,
@@ -536,6 +537,43 @@ mod tests {
                     response.status()
                 );
             }
+        }
+    }
+
+    /// Regression: the routes added after `method_not_allowed_fallback` (heartbeat, bundle
+    /// upload and download) answered 405 with an empty body instead of the JSON error.
+    #[tokio::test]
+    async fn every_405_is_a_json_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = test_app(dir.path()).await;
+        for (_, template) in ROUTES {
+            let uri = template.replace(['{', '}'], "");
+            let response = app
+                .clone()
+                .oneshot(
+                    Request::builder()
+                        .method("PATCH")
+                        .uri(&uri)
+                        .body(Body::empty())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            let status = response.status();
+            let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+                panic!(
+                    "PATCH {uri}: {status} {:?}",
+                    String::from_utf8_lossy(&bytes)
+                )
+            });
+            assert_eq!(
+                (status, body["error"]["code"].as_str()),
+                (StatusCode::METHOD_NOT_ALLOWED, Some("method_not_allowed")),
+                "PATCH {uri}"
+            );
         }
     }
 
