@@ -104,6 +104,7 @@ pub async fn get_tenant(
 pub struct CreateTokenBody {
     /// Devices it may enroll; absent = unlimited.
     #[serde(default)]
+    #[schema(minimum = 1)]
     uses: Option<u32>,
     /// Lifetime such as `24h` or `7d`; absent = until revoked.
     #[serde(default)]
