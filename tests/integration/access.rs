@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Needs {
-    /// Probes and metrics, answered to anyone.
+    /// Probes, metrics and the OpenAPI document, answered to anyone.
     Public,
     /// The device protocol: device signatures or device tokens, tested in device_protocol.rs.
     Device,
@@ -25,7 +25,7 @@ enum Needs {
 fn needs(method: &str, route: &str) -> Needs {
     use Needs::*;
     match (method, route.trim_start_matches("/api/v1")) {
-        ("GET", "/healthz" | "/readyz" | "/metrics") => Public,
+        ("GET", "/healthz" | "/readyz" | "/metrics" | "/openapi.json") => Public,
         ("POST", "/enroll" | "/auth" | "/heartbeat" | "/deployments/{id}/status") => Device,
         ("GET", _) if route.ends_with("/apikeys") || route.contains("/webhooks") => Admin,
         ("POST", "/webhooks") | ("DELETE", "/webhooks/{id}") => Admin,
