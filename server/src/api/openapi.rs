@@ -3,9 +3,10 @@
 //! served at `GET /api/v1/openapi.json`.
 //!
 //! The answers every route can give whatever it does (401 on authenticated routes, 429, 503, 500,
-//! and 400 / 413 / 415 for bodies) are added here by [`CommonResponses`], from what each operation
-//! declares (security, body, query), so that the attributes list only what is particular to the
-//! route. `every_route_of_the_router_is_documented` keeps the document and the router in step.
+//! 400 for bodies, queries and path parameters, 413 / 415 for bodies) are added here by
+//! [`CommonResponses`], from what each operation declares (security, body, parameters), so that
+//! the attributes list only what is particular to the route.
+//! `every_route_of_the_router_is_documented` keeps the document and the router in step.
 
 use super::{bundles, deployments, device, rest, webhooks};
 use axum::http::header;
