@@ -548,27 +548,12 @@ mod tests {
         let app = test_app(dir.path()).await;
         for (_, template) in ROUTES {
             let uri = template.replace(['{', '}'], "");
-            let response = app
-                .clone()
-                .oneshot(
-                    Request::builder()
-                        .method("PATCH")
-                        .uri(&uri)
-                        .body(Body::empty())
-                        .unwrap(),
-                )
-                .await
+            let request = Request::builder()
+                .method("PATCH")
+                .uri(&uri)
+                .body(Body::empty())
                 .unwrap();
-            let status = response.status();
-            let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
-                .await
-                .unwrap();
-            let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-                panic!(
-                    "PATCH {uri}: {status} {:?}",
-                    String::from_utf8_lossy(&bytes)
-                )
-            });
+            let (status, body) = call(app.clone(), request).await;
             assert_eq!(
                 (status, body["error"]["code"].as_str()),
                 (StatusCode::METHOD_NOT_ALLOWED, Some("method_not_allowed")),
@@ -613,17 +598,7 @@ mod tests {
                 .header("content-type", "application/json")
                 .body(Body::from("{}"))
                 .unwrap();
-            let response = app.clone().oneshot(request).await.unwrap();
-            let status = response.status();
-            let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
-                .await
-                .unwrap();
-            let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-                panic!(
-                    "{method} {uri}: {status} {}",
-                    String::from_utf8_lossy(&bytes)
-                )
-            });
+            let (status, body) = call(app.clone(), request).await;
             assert_eq!(
                 (status, body["error"]["code"].as_str()),
                 (StatusCode::BAD_REQUEST, Some("invalid_path")),
@@ -654,13 +629,21 @@ mod tests {
         assert!(body["paths"]["/api/v1/devices/{id}"]["get"]["responses"]["404"].is_object());
     }
 
+    /// The status and JSON body of a request; a body that is not JSON fails the test, naming it.
     async fn call(app: Router, request: Request<Body>) -> (StatusCode, serde_json::Value) {
+        let what = format!("{} {}", request.method(), request.uri());
         let response = app.oneshot(request).await.unwrap();
         let status = response.status();
         let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
             .await
             .unwrap();
-        (status, serde_json::from_slice(&bytes).unwrap())
+        let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+            panic!(
+                "{what}: {status} with a body that is not JSON: {:?}",
+                String::from_utf8_lossy(&bytes)
+            )
+        });
+        (status, body)
     }
 
     #[tokio::test]
