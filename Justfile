@@ -55,6 +55,7 @@ lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
     scripts/check-monitoring.sh
+    scripts/check-systemd-units.sh
 
 # Everything CI runs: lints, unit tests, integration tests on SQLite and PostgreSQL with the musl
 # agent, schemathesis against the OpenAPI document, the bundle tests with the S3 store (Garage),
