@@ -2,6 +2,7 @@
 //! Admin commands open the same database as the server (SQLite file or PostgreSQL URL) directly.
 
 use crate::api::ApiSettings;
+use crate::backup::{self, BundleStoreNote, Source};
 use crate::db::tokens::{self, NewBootstrapToken, Role};
 use crate::db::{audit, tenants, Db};
 use crate::serve::{serve, ServeOptions};
@@ -68,6 +69,42 @@ pub enum Command {
     /// Rotate server-wide secrets.
     #[command(subcommand)]
     Secret(SecretCommand),
+    /// Back up the database and the local bundle store into a new directory while the server runs:
+    /// SQLite through `VACUUM INTO` (a consistent snapshot; heartbeats keep being written),
+    /// PostgreSQL through `pg_dump --format=custom` (from PATH), the files of the live bundles, and
+    /// manifest.json (time, backend, schema version, size and SHA-256 of every file). With
+    /// `--bundle-store s3` the bundles stay in the bucket: back it up with the store's own tools.
+    /// Never migrates the database.
+    Backup(Box<BackupArgs>),
+    /// Restore a backup into an empty --data-dir (SQLite) or an empty database (--database). Checks
+    /// manifest.json, the size and SHA-256 of every file and the schema version before writing.
+    /// Stop the servers first; the next `serve` applies the migrations newer than the backup.
+    Restore(Box<RestoreArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// Directory to write; it must not exist or be empty.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Print the manifest as JSON instead of a summary.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub bundle_store: BundleStoreArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// A directory written by `kernex-server backup`.
+    #[arg(long, value_name = "DIR")]
+    pub from: PathBuf,
+    /// Replace what the target holds: the SQLite file and the local bundle store, or the tables
+    /// of the database (`pg_restore --clean`).
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub bundle_store: BundleStoreArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -418,8 +455,54 @@ pub enum DeviceCommand {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    if let Command::Bundle(command) = cli.command {
-        return bundle_command(command);
+    let storage = &cli.storage;
+    match cli.command {
+        Command::Bundle(command) => return bundle_command(command),
+        // Not through Db::open: a backup or a restore must not migrate the database.
+        Command::Backup(args) => {
+            let source = Source::new(storage.database.as_deref(), &storage.data_dir)?;
+            let manifest =
+                backup::backup(&source, &storage.data_dir, &args.bundle_store, &args.out).await?;
+            if args.json {
+                println!("{}", serde_json::to_string(&manifest)?);
+            } else {
+                let bytes: u64 = manifest.files.iter().map(|f| f.size).sum();
+                println!(
+                    "backup of the {} database (schema version {}) and {} written to {} ({} files, \
+                     {bytes} bytes)",
+                    manifest.backend,
+                    manifest.schema_version,
+                    match &manifest.bundle_store {
+                        BundleStoreNote::Local { bundles } => format!("{bundles} bundle files"),
+                        BundleStoreNote::S3 { note, .. } => note.clone(),
+                    },
+                    args.out.display(),
+                    manifest.files.len()
+                );
+            }
+            return Ok(());
+        }
+        Command::Restore(args) => {
+            let target = Source::new(storage.database.as_deref(), &storage.data_dir)?;
+            let manifest = backup::restore(
+                &target,
+                &storage.data_dir,
+                &args.bundle_store,
+                &args.from,
+                args.force,
+            )
+            .await?;
+            println!(
+                "restored the {} backup of {} (schema version {}, {} files); `serve` applies newer \
+                 migrations when it starts",
+                manifest.backend,
+                manifest.created_at,
+                manifest.schema_version,
+                manifest.files.len()
+            );
+            return Ok(());
+        }
+        _ => {}
     }
     let db = Db::open(cli.storage.database.as_deref(), &cli.storage.data_dir).await?;
     let result = dispatch(&db, &cli.storage.data_dir, cli.command).await;
@@ -676,6 +759,9 @@ async fn dispatch(db: &Db, data_dir: &std::path::Path, command: Command) -> anyh
             Ok(())
         }
         Command::Bundle(command) => bundle_command(command),
+        Command::Backup(_) | Command::Restore(_) => {
+            unreachable!("handled before opening the database")
+        }
         Command::Device(DeviceCommand::Preauthorize {
             tenant,
             count,

@@ -2,6 +2,7 @@
 //! it without a socket. `main.rs` only parses arguments and calls [`cli::run`].
 
 pub mod api;
+pub mod backup;
 pub mod cli;
 pub mod db;
 pub mod device_token;

@@ -6,6 +6,7 @@
 mod access;
 mod agent_lifecycle;
 mod audit;
+mod backup;
 mod bundles;
 mod database_outage;
 mod device_protocol;

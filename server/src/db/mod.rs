@@ -100,10 +100,7 @@ impl Db {
     }
 
     fn migrator(&self) -> sqlx::migrate::Migrator {
-        match self {
-            Db::Sqlite(_) => sqlx::migrate!("migrations/sqlite"),
-            Db::Postgres(_) => sqlx::migrate!("migrations/postgres"),
-        }
+        migrator(matches!(self, Db::Postgres(_)))
     }
 
     async fn migrate(&self) -> anyhow::Result<()> {
@@ -114,7 +111,7 @@ impl Db {
     /// Whether this server can serve: the database answers, and its schema has every migration
     /// this binary carries (another replica may be mid-upgrade, or someone restored an old dump).
     pub async fn readiness(&self) -> Result<(), NotReady> {
-        let needed = self.migrator().iter().map(|m| m.version).max().unwrap_or(0);
+        let needed = latest_migration(matches!(self, Db::Postgres(_)));
         let applied: Option<i64> = with_pool!(self, pool => sqlx::query_scalar(
             "SELECT MAX(version) FROM _sqlx_migrations WHERE success")
             .fetch_one(pool)
@@ -136,6 +133,23 @@ impl Db {
     pub async fn close(&self) {
         with_pool!(self, pool => pool.close().await)
     }
+}
+
+fn migrator(postgres: bool) -> sqlx::migrate::Migrator {
+    if postgres {
+        sqlx::migrate!("migrations/postgres")
+    } else {
+        sqlx::migrate!("migrations/sqlite")
+    }
+}
+
+/// The newest migration this binary carries for the backend: the schema version it needs.
+pub fn latest_migration(postgres: bool) -> i64 {
+    migrator(postgres)
+        .iter()
+        .map(|m| m.version)
+        .max()
+        .unwrap_or(0)
 }
 
 async fn open_sqlite(options: SqliteConnectOptions) -> Result<SqlitePool, sqlx::Error> {
