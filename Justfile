@@ -31,6 +31,16 @@ agent-binary:
     @out=$(file {{agent_bin}}); echo "$out"; grep -q "static" <<<"$out" || { echo "kernex-agent is not static" >&2; exit 1; }
     @echo "kernex-agent (static musl, stripped): $(stat -c %s {{agent_bin}}) bytes"
 
+# The static musl kernex-server (what deploy/Containerfile ships); checks it is static, prints its size.
+server-static:
+    cargo build -p kernex-server --release --target {{musl_target}}
+    @out=$(file target/{{musl_target}}/release/kernex-server); echo "$out"; grep -q "static" <<<"$out" || { echo "kernex-server is not static" >&2; exit 1; }
+    @echo "kernex-server (static musl): $(stat -c %s target/{{musl_target}}/release/kernex-server) bytes"
+
+# The container image's inputs, checked without an engine: static binary, copied files, known flags.
+container: server-static
+    scripts/check-container.sh image
+
 # A second static agent that says it is one patch newer (`<x.y.z+1>-next`), for the self-update
 # tests; rebuilt only when the agent's sources change. Leaves the shipped agent in place.
 agent-next: agent-binary
@@ -56,6 +66,8 @@ lint:
     cargo clippy --workspace --all-targets -- -D warnings
     scripts/check-monitoring.sh
     scripts/check-systemd-units.sh
+    scripts/check-container.sh compose
+    scripts/check-helm.sh
 
 # Everything CI runs: lints, unit tests, integration tests on SQLite and PostgreSQL with the musl
 # agent, schemathesis against the OpenAPI document, the bundle tests with the S3 store (Garage),
