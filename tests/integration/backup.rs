@@ -6,7 +6,7 @@
 
 use crate::limits::heartbeat;
 use kernex_tests::bundle::Publisher;
-use kernex_tests::{wait_for, Agent, BundleStore, Server, Storage};
+use kernex_tests::{psql, wait_for, Agent, BundleStore, Server, Storage};
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 use std::path::Path;
@@ -50,18 +50,6 @@ fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(entry.path(), target).unwrap();
         }
     }
-}
-
-fn psql(url: &str, sql: &str) {
-    let out = std::process::Command::new("psql")
-        .args([url, "-v", "ON_ERROR_STOP=1", "-qc", sql])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "psql {sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[test]

@@ -135,7 +135,8 @@ impl BundleStore {
     }
 }
 
-fn psql(url: &str, sql: &str) {
+/// Runs `sql` through psql at `url`; panics with psql's error when it fails.
+pub fn psql(url: &str, sql: &str) {
     let out = Command::new("psql")
         .args([url, "-v", "ON_ERROR_STOP=1", "-qc", sql])
         .output()
