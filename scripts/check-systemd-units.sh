@@ -10,7 +10,7 @@ if ! command -v systemd-analyze >/dev/null; then
 fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-for unit in deploy/systemd/kernex-server.service overlays/etc/systemd/system/kernex-agent.service; do
+for unit in deploy/systemd/kernex-server.service deploy/systemd/kernex-server-backup.service deploy/systemd/kernex-server-backup.timer overlays/etc/systemd/system/kernex-agent.service; do
     name=$(basename "$unit")
     sed -E 's#^ExecStart=/usr/local/bin/[^ ]+#ExecStart=/bin/true#' "$unit" >"$tmp/$name"
     if ! out=$(systemd-analyze verify "$tmp/$name" 2>&1) || [ -n "$out" ]; then
