@@ -312,7 +312,7 @@ pub async fn content(
     request: axum::extract::Request,
 ) -> ApiResult<Response> {
     let (mut parts, _) = request.into_parts();
-    let is_api_key = bearer(&parts).is_some_and(|b| {
+    let is_api_key = bearer(&parts.headers).is_some_and(|b| {
         kernex_protocol::SecretToken::parse(kernex_protocol::TokenKind::ApiKey, b).is_ok()
     });
     // The tenant, and the device when a device asks.

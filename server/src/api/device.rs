@@ -292,7 +292,7 @@ impl axum::extract::FromRequestParts<AppState> for DeviceAuth {
         if let Some(claims) = parts.extensions.remove::<DeviceClaims>() {
             return Ok(DeviceAuth(claims));
         }
-        let token = bearer(parts).ok_or_else(|| {
+        let token = bearer(&parts.headers).ok_or_else(|| {
             ApiError::unauthorized(
                 codes::INVALID_DEVICE_TOKEN,
                 "a device token is required (Authorization: Bearer ...)",

@@ -136,9 +136,8 @@ impl SignedBody {
 }
 
 /// The bearer value of the `Authorization` header.
-pub fn bearer(parts: &Parts) -> Option<&str> {
-    parts
-        .headers
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
         .get(header::AUTHORIZATION)?
         .to_str()
         .ok()?
@@ -156,7 +155,7 @@ impl FromRequestParts<AppState> for Principal {
                 "a valid API key is required (Authorization: Bearer kxk_...)",
             )
         };
-        let key = bearer(parts)
+        let key = bearer(&parts.headers)
             .and_then(|value| SecretToken::parse(TokenKind::ApiKey, value).ok())
             .ok_or_else(invalid)?;
         authenticate_api_key(&state.db, &key)

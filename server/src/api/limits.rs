@@ -18,7 +18,6 @@
 use super::AppState;
 use crate::error::ApiError;
 use axum::extract::{ConnectInfo, Request};
-use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse as _, Response};
 use std::collections::HashMap;
@@ -249,13 +248,7 @@ pub async fn limit_requests(
     next: Next,
 ) -> Response {
     let limiters = &state.limiters;
-    let bearer = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let verdict = match bearer {
+    let verdict = match super::extract::bearer(request.headers()) {
         Some(key) if key.starts_with("kxk_") => {
             limiters.api_key.as_ref().map(|l| ("API key", l.check(key)))
         }

@@ -292,26 +292,31 @@ pub async fn sweep_devices(db: &Db, offline_after: u32) -> Result<(usize, usize)
     let now = now_ms();
     with_pool!(db, pool => {
         let mut tx = pool.begin_write().await?;
-        let offline: Vec<(String, String, String, i64)> = sqlx::query_as(
-            "UPDATE devices SET offline_since = $1
-             WHERE offline_since IS NULL AND deregistered_at IS NULL AND last_heartbeat IS NOT NULL AND interval_s IS NOT NULL
-               AND $1 > last_heartbeat + (CASE WHEN interval_s < 1 THEN 1 ELSE interval_s END) * 1000 * $2
-             RETURNING id, tenant_id, hardware_id, last_heartbeat")
-            .bind(now).bind(i64::from(offline_after)).fetch_all(&mut *tx).await?;
-        for (id, tenant, hardware_id, last) in &offline {
-            let data = serde_json::json!({"device_id": id, "hardware_id": hardware_id, "last_heartbeat": rfc3339(*last)});
-            enqueue_event!(&mut *tx, tenant, "device.offline", data, now)?;
-        }
-        let online: Vec<(String, String, String, i64)> = sqlx::query_as(
-            "UPDATE devices SET offline_since = NULL
-             WHERE offline_since IS NOT NULL AND last_heartbeat > offline_since
-             RETURNING id, tenant_id, hardware_id, last_heartbeat")
-            .fetch_all(&mut *tx).await?;
-        for (id, tenant, hardware_id, last) in &online {
-            let data = serde_json::json!({"device_id": id, "hardware_id": hardware_id, "last_heartbeat": rfc3339(*last)});
-            enqueue_event!(&mut *tx, tenant, "device.online", data, now)?;
+        let mut counts = [0; 2];
+        let transitions = [
+            ("device.offline",
+             "UPDATE devices SET offline_since = $1
+              WHERE offline_since IS NULL AND deregistered_at IS NULL AND last_heartbeat IS NOT NULL AND interval_s IS NOT NULL
+                AND $1 > last_heartbeat + (CASE WHEN interval_s < 1 THEN 1 ELSE interval_s END) * 1000 * $2
+              RETURNING id, tenant_id, hardware_id, last_heartbeat"),
+            ("device.online",
+             "UPDATE devices SET offline_since = NULL
+              WHERE offline_since IS NOT NULL AND last_heartbeat > offline_since
+              RETURNING id, tenant_id, hardware_id, last_heartbeat"),
+        ];
+        for (count, (kind, sql)) in counts.iter_mut().zip(transitions) {
+            let mut query = sqlx::query_as::<_, (String, String, String, i64)>(sql);
+            if kind == "device.offline" {
+                query = query.bind(now).bind(i64::from(offline_after));
+            }
+            let changed = query.fetch_all(&mut *tx).await?;
+            for (id, tenant, hardware_id, last) in &changed {
+                let data = serde_json::json!({"device_id": id, "hardware_id": hardware_id, "last_heartbeat": rfc3339(*last)});
+                enqueue_event!(&mut *tx, tenant, kind, data, now)?;
+            }
+            *count = changed.len();
         }
         tx.commit().await?;
-        Ok((offline.len(), online.len()))
+        Ok((counts[0], counts[1]))
     })
 }
