@@ -60,6 +60,9 @@ pub enum Command {
     /// Manage API keys for the REST API.
     #[command(subcommand)]
     Apikey(ApiKeyCommand),
+    /// Manage user accounts (a username and password to log in to the web console).
+    #[command(subcommand)]
+    User(UserCommand),
     /// Fleet-wide device operations for provisioning and load tests.
     #[command(subcommand)]
     Device(DeviceCommand),
@@ -183,6 +186,9 @@ pub struct ServeArgs {
     /// an hour, ±20 % jitter), given up after 10 attempts.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub webhook_retry_base: std::time::Duration,
+    /// How long a web console login lasts.
+    #[arg(long, default_value = "12h", value_parser = humantime::parse_duration)]
+    pub console_session_lifetime: std::time::Duration,
     #[command(flatten)]
     pub bundle_store: BundleStoreArgs,
     #[command(flatten)]
@@ -204,6 +210,11 @@ pub struct LimitArgs {
     /// Authenticated requests count against their device or key instead: sites share NAT addresses.
     #[arg(long, default_value = "20/s:60", value_name = "RATE", value_parser = crate::api::limits::parse_rate)]
     pub rate_limit_address: crate::api::limits::RateLimit,
+    /// Failed authentications per source address (API keys that are wrong, revoked or unknown;
+    /// failed console logins). Past it, that address's requests with an API key and its console
+    /// logins are refused until the rate allows more: guessing keys or passwords stays slow.
+    #[arg(long, default_value = "10/m:20", value_name = "RATE", value_parser = crate::api::limits::parse_rate)]
+    pub rate_limit_failed_auth: crate::api::limits::RateLimit,
     /// Behind a reverse proxy: the client's address is the last entry of `X-Forwarded-For` (only
     /// set this when the proxy overwrites or appends that header; clients could forge it otherwise).
     #[arg(long)]
@@ -437,6 +448,38 @@ pub enum ApiKeyCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Create a console user. The password is read from --password-file or, without it, from the
+    /// first line of standard input (never from the command line, where `ps` would show it).
+    Create {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long, value_enum)]
+        role: Role,
+        /// File holding the password (its first line); at least 12 characters.
+        #[arg(long, value_name = "FILE")]
+        password_file: Option<PathBuf>,
+        /// 1–64 of a-z, 0-9, `.`, `_`, `@`, `-`; unique across tenants.
+        username: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a tenant's users.
+    List {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Disable a user: their console sessions end at once and they can no longer log in.
+    Disable {
+        #[arg(long)]
+        tenant: String,
+        username: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum DeviceCommand {
     /// Register N devices without hardware and write `device_id token` lines for them: seeds load
     /// tests and factory provisioning without an RSA key generation per device.
@@ -565,6 +608,98 @@ fn bundle_command(command: BundleCommand) -> anyhow::Result<()> {
     }
 }
 
+/// The password for `user create`: the first line of the file, or of standard input.
+fn read_password(file: Option<&std::path::Path>) -> anyhow::Result<String> {
+    let text = match file {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading the password from {}", path.display()))?,
+        None => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("reading the password from standard input")?;
+            line
+        }
+    };
+    let password = text.lines().next().unwrap_or_default().to_owned();
+    let from = file.map_or("standard input".to_owned(), |p| p.display().to_string());
+    anyhow::ensure!(
+        !password.is_empty(),
+        "no password in {from} (its first line is empty)"
+    );
+    Ok(password)
+}
+
+async fn user_command(db: &Db, command: UserCommand) -> anyhow::Result<()> {
+    use crate::db::users;
+    match command {
+        UserCommand::Create {
+            tenant,
+            role,
+            password_file,
+            username,
+            json,
+        } => {
+            let tenant = tenants::require(db, &tenant).await?;
+            let password = read_password(password_file.as_deref())?;
+            let user = users::create(db, &tenant.id, &username, &password, role)
+                .await
+                .with_context(|| format!("creating user `{username}`"))?;
+            audit::record(
+                db,
+                Some(&tenant.id),
+                "cli",
+                "user.created",
+                &user.username,
+                json!({"role": user.role}),
+            )
+            .await;
+            if json {
+                println!("{}", json!(user.view()));
+            } else {
+                println!(
+                    "created {} user {} in tenant {}",
+                    user.role, user.username, tenant.name
+                );
+            }
+        }
+        UserCommand::List { tenant, json } => {
+            let tenant = tenants::require(db, &tenant).await?;
+            let all = users::list(db, &tenant.id).await.context("listing users")?;
+            if json {
+                println!(
+                    "{}",
+                    json!(all.iter().map(|u| u.view()).collect::<Vec<_>>())
+                );
+            } else {
+                for user in all {
+                    let state = user.disabled_at.map_or("enabled", |_| "disabled");
+                    println!("{}\t{}\t{state}", user.username, user.role);
+                }
+            }
+        }
+        UserCommand::Disable { tenant, username } => {
+            let tenant = tenants::require(db, &tenant).await?;
+            anyhow::ensure!(
+                users::disable(db, &tenant.id, &username).await?,
+                "tenant {} has no enabled user `{username}`",
+                tenant.name
+            );
+            audit::record(
+                db,
+                Some(&tenant.id),
+                "cli",
+                "user.disabled",
+                &username,
+                json!({}),
+            )
+            .await;
+            println!("disabled user {username}; their console sessions have ended");
+        }
+    }
+    Ok(())
+}
+
 fn write_private(path: &std::path::Path, data: &[u8]) -> anyhow::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
@@ -587,6 +722,7 @@ async fn dispatch(db: &Db, data_dir: &std::path::Path, command: Command) -> anyh
                  when a proxy in front terminates TLS",
                 args.listen
             );
+            let listen_loopback_plain = args.tls_cert.is_none() && args.listen.ip().is_loopback();
             let max_bundle_bytes = args.max_bundle_mib << 20;
             let bundle_store = args
                 .bundle_store
@@ -604,6 +740,7 @@ async fn dispatch(db: &Db, data_dir: &std::path::Path, command: Command) -> anyh
                         per_device: args.limits.rate_limit_device.0,
                         per_api_key: args.limits.rate_limit_api_key.0,
                         per_address: args.limits.rate_limit_address.0,
+                        failed_auth_per_address: args.limits.rate_limit_failed_auth.0,
                         request_timeout: args.limits.request_timeout,
                         upload_timeout: args.limits.upload_timeout,
                         forwarded_for: args.limits.forwarded_for,
@@ -615,6 +752,12 @@ async fn dispatch(db: &Db, data_dir: &std::path::Path, command: Command) -> anyh
                 rollout_every: args.rollout_interval,
                 webhook_retry_base: args.webhook_retry_base,
                 secret_reload_interval: args.secret_reload_interval,
+                console: crate::console::ConsoleSettings {
+                    session_lifetime: args.console_session_lifetime,
+                    // Over TLS here, or (plain HTTP off loopback) behind a proxy terminating TLS:
+                    // either way the browser speaks HTTPS. Only plain HTTP on loopback is not.
+                    secure_cookies: !listen_loopback_plain,
+                },
             };
             serve(db.clone(), options).await
         }
@@ -758,6 +901,7 @@ async fn dispatch(db: &Db, data_dir: &std::path::Path, command: Command) -> anyh
             }
             Ok(())
         }
+        Command::User(command) => user_command(db, command).await,
         Command::Bundle(command) => bundle_command(command),
         Command::Backup(_) | Command::Restore(_) => {
             unreachable!("handled before opening the database")

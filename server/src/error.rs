@@ -121,7 +121,7 @@ impl ApiError {
         }
     }
 
-    fn retry_after(&self) -> Option<u64> {
+    pub fn retry_after(&self) -> Option<u64> {
         match self {
             ApiError::Overloaded { retry_after_s }
             | ApiError::DatabaseUnavailable { retry_after_s }

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod backup;
 pub mod cli;
+pub mod console;
 pub mod db;
 pub mod device_token;
 pub mod error;
@@ -11,6 +12,7 @@ pub mod heartbeat;
 pub mod metrics;
 pub mod preauthorize;
 pub mod rollout;
+pub mod samples;
 pub mod serve;
 pub mod store;
 pub mod webhooks;

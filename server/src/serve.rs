@@ -32,6 +32,8 @@ pub struct ServeOptions {
     pub webhook_retry_base: Duration,
     /// How often the shared secrets are read again (to follow a rotation).
     pub secret_reload_interval: Duration,
+    /// The web console's sessions.
+    pub console: crate::console::ConsoleSettings,
 }
 
 pub async fn serve(db: Db, options: ServeOptions) -> anyhow::Result<()> {
@@ -49,7 +51,12 @@ pub async fn serve(db: Db, options: ServeOptions) -> anyhow::Result<()> {
         device_tokens.clone(),
         options.secret_reload_interval,
     ));
-    let metrics = Arc::new(Metrics::new(crate::api::ROUTES.iter().copied()));
+    let metrics = Arc::new(Metrics::new(
+        crate::api::ROUTES
+            .iter()
+            .chain(crate::console::ROUTES)
+            .copied(),
+    ));
     let heartbeats = HeartbeatWriter::start(&db, WriterConfig::default(), metrics.clone())
         .context("starting the heartbeat writer")?;
     crate::webhooks::start(
@@ -71,6 +78,8 @@ pub async fn serve(db: Db, options: ServeOptions) -> anyhow::Result<()> {
         store,
         rollouts: RolloutEngine::start(db.clone(), options.rollout_every),
         metrics,
+        samples: Default::default(),
+        console: options.console,
     });
     let service = app(state).into_make_service_with_connect_info::<SocketAddr>();
 

@@ -8,6 +8,7 @@ mod agent_lifecycle;
 mod audit;
 mod backup;
 mod bundles;
+mod console;
 mod database_outage;
 mod device_protocol;
 mod imagebuilder;

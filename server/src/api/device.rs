@@ -339,6 +339,19 @@ pub async fn heartbeat(
             format!("interval_s must be between {MIN_INTERVAL_S} and {MAX_INTERVAL_S}"),
         ));
     }
+    let mem_percent = match request.telemetry.mem_total_bytes {
+        0 => 0.0,
+        total => {
+            100.0 * total.saturating_sub(request.telemetry.mem_available_bytes) as f64
+                / total as f64
+        }
+    };
+    // Before the write (which takes the id): a refused beat's sample does no harm.
+    state.samples.record(
+        &claims.device_id,
+        request.telemetry.cpu_percent,
+        mem_percent,
+    );
     let beat = Beat {
         device_id: claims.device_id,
         agent_version: request.agent_version.chars().take(64).collect(),

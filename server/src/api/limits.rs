@@ -7,6 +7,11 @@
 //! - anything else (enrollment, `/auth`, probes, requests without credentials) counts against its
 //!   source address.
 //!
+//! Failed authentications (an API key that is unknown, wrong or revoked; a failed console login)
+//! also count against their source address in a fourth limiter; once it is exhausted, that
+//! address's requests carrying an API key and its console logins are refused before any lookup, so
+//! guessing keys or passwords with a fresh string each time stays slow.
+//!
 //! Authenticated traffic is not limited per address on purpose: a site's appliances often share one
 //! NAT address, and a load balancer in front of the server makes every device look alike. Requests
 //! that cost the server most without proving who they are (RSA-signed enrollment and `/auth`,
@@ -85,6 +90,8 @@ pub struct LimitSettings {
     pub per_device: Option<Rate>,
     pub per_api_key: Option<Rate>,
     pub per_address: Option<Rate>,
+    /// Failed authentications per source address.
+    pub failed_auth_per_address: Option<Rate>,
     /// Longest a request may take to be answered (a download's body streams on after that).
     pub request_timeout: Duration,
     /// Longest a bundle upload may take, body included.
@@ -108,6 +115,10 @@ impl Default for LimitSettings {
             per_address: Some(Rate {
                 per_second: 20.0,
                 burst: 60,
+            }),
+            failed_auth_per_address: Some(Rate {
+                per_second: 10.0 / 60.0,
+                burst: 20,
             }),
             request_timeout: Duration::from_secs(30),
             upload_timeout: Duration::from_secs(3600),
@@ -164,6 +175,19 @@ impl KeyedLimiter {
         Ok(())
     }
 
+    /// Whether `key` is over the limit now, without counting anything.
+    pub fn exhausted(&self, key: impl Hash) -> Option<Duration> {
+        let now = self.now();
+        let hash = self.hasher.hash_one(key);
+        let shard = self.shards[hash as usize % SHARDS]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let arrival = shard.get(&hash).copied().unwrap_or(now).max(now);
+        // What `check` would refuse.
+        (arrival - now > self.tolerance)
+            .then(|| Duration::from_nanos(arrival - now - self.tolerance))
+    }
+
     /// Forgets keys whose next arrival time has passed (they are as good as new); returns how many
     /// are left.
     pub fn sweep(&self) -> usize {
@@ -179,13 +203,14 @@ impl KeyedLimiter {
     }
 }
 
-/// The three limiters of a running server.
+/// The limiters of a running server.
 #[derive(Debug)]
 pub struct Limiters {
     pub settings: LimitSettings,
     device: Option<KeyedLimiter>,
     api_key: Option<KeyedLimiter>,
     address: Option<KeyedLimiter>,
+    failed_auth: Option<KeyedLimiter>,
 }
 
 impl Limiters {
@@ -194,6 +219,7 @@ impl Limiters {
             device: settings.per_device.map(KeyedLimiter::new),
             api_key: settings.per_api_key.map(KeyedLimiter::new),
             address: settings.per_address.map(KeyedLimiter::new),
+            failed_auth: settings.failed_auth_per_address.map(KeyedLimiter::new),
             settings,
         }
     }
@@ -209,9 +235,14 @@ impl Limiters {
                 let Some(limiters) = limiters.upgrade() else {
                     return;
                 };
-                for limiter in [&limiters.device, &limiters.api_key, &limiters.address]
-                    .into_iter()
-                    .flatten()
+                for limiter in [
+                    &limiters.device,
+                    &limiters.api_key,
+                    &limiters.address,
+                    &limiters.failed_auth,
+                ]
+                .into_iter()
+                .flatten()
                 {
                     limiter.sweep();
                 }
@@ -248,7 +279,25 @@ pub async fn limit_requests(
     next: Next,
 ) -> Response {
     let limiters = &state.limiters;
-    let verdict = match super::extract::bearer(request.headers()) {
+    // Requests that try a credential: an API key, or a console login.
+    let bearer = super::extract::bearer(request.headers());
+    let tries_credential = bearer.is_some_and(|b| b.starts_with("kxk_"))
+        || (request.method() == axum::http::Method::POST
+            && request.uri().path() == "/console/login");
+    let failures = match (&limiters.failed_auth, tries_credential) {
+        (Some(limiter), true) => {
+            client_address(&request, limiters.settings.forwarded_for).map(|a| (limiter, a))
+        }
+        _ => None,
+    };
+    if let Some(wait) = failures.and_then(|(limiter, address)| limiter.exhausted(address)) {
+        return ApiError::RateLimited {
+            scope: "source address after failed authentications",
+            retry_after_s: wait.as_secs() + 1,
+        }
+        .into_response();
+    }
+    let verdict = match bearer {
         Some(key) if key.starts_with("kxk_") => {
             limiters.api_key.as_ref().map(|l| ("API key", l.check(key)))
         }
@@ -284,14 +333,20 @@ pub async fn limit_requests(
     } else {
         limiters.settings.request_timeout
     };
-    match tokio::time::timeout(limit, next.run(request)).await {
+    let response = match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
         Err(_) => ApiError::Timeout {
             limit_s: limit.as_secs(),
             retry_after_s: 1,
         }
         .into_response(),
+    };
+    if let Some((limiter, address)) = failures {
+        if response.status() == axum::http::StatusCode::UNAUTHORIZED {
+            let _ = limiter.check(address);
+        }
     }
+    response
 }
 
 fn by_address(
@@ -351,6 +406,22 @@ mod tests {
         assert!(limiter.check_at("a", 100 * ms).is_err());
         // A refused request is not counted: after 100 ms more, one passes again.
         assert_eq!(limiter.check_at("a", 200 * ms), Ok(()));
+    }
+
+    #[test]
+    fn exhausted_looks_without_counting() {
+        let limiter = KeyedLimiter::new(Rate {
+            per_second: 1.0,
+            burst: 2,
+        });
+        let ms = 1_000_000;
+        assert_eq!(limiter.exhausted("a"), None);
+        assert_eq!(limiter.check_at("a", 0), Ok(()));
+        assert_eq!(limiter.exhausted("a"), None, "one more fits");
+        assert_eq!(limiter.check_at("a", 0), Ok(()));
+        assert!(limiter.exhausted("a").is_some());
+        assert!(limiter.exhausted("a").is_some(), "looking counted nothing");
+        assert!(limiter.check_at("a", 500 * ms).is_err());
     }
 
     #[test]

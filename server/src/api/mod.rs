@@ -3,13 +3,13 @@
 //! [`app`] builds the router from an [`AppState`] and does no I/O of its own, so tests drive it with
 //! `tower::ServiceExt::oneshot` and `serve` binds it to a socket.
 
-mod bundles;
-mod deployments;
+pub(crate) mod bundles;
+pub(crate) mod deployments;
 mod device;
-mod extract;
+pub(crate) mod extract;
 pub mod limits;
 pub mod openapi;
-mod rest;
+pub(crate) mod rest;
 mod webhooks;
 
 use crate::db::Db;
@@ -74,6 +74,10 @@ pub struct Shared {
     pub rollouts: RolloutEngine,
     pub metrics: Arc<Metrics>,
     pub limiters: Arc<limits::Limiters>,
+    /// Recent CPU and memory use per device, for the console's sparklines.
+    pub samples: crate::samples::Samples,
+    /// The web console's settings.
+    pub console: crate::console::ConsoleSettings,
 }
 
 impl AppState {
@@ -160,6 +164,7 @@ pub fn app(state: AppState) -> Router {
         .route("/readyz", get(rest::readyz))
         .route("/metrics", get(rest::metrics))
         .route(&v1("/openapi.json"), get(openapi::openapi_json))
+        .merge(crate::console::router())
         .fallback(|| async { ApiError::not_found("not_found", "no such route") })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -378,7 +383,9 @@ mod tests {
 
     async fn test_app(dir: &std::path::Path) -> Router {
         let db = Db::open(None, dir).await.unwrap();
-        let metrics = Arc::new(Metrics::new(ROUTES.iter().copied()));
+        let metrics = Arc::new(Metrics::new(
+            ROUTES.iter().chain(crate::console::ROUTES).copied(),
+        ));
         let heartbeats =
             HeartbeatWriter::start(&db, WriterConfig::default(), metrics.clone()).unwrap();
         app(AppState::new(Shared {
@@ -390,6 +397,8 @@ mod tests {
             limiters: Arc::new(limits::Limiters::new(ApiSettings::default().limits)),
             settings: ApiSettings::default(),
             metrics,
+            samples: Default::default(),
+            console: Default::default(),
         }))
     }
 

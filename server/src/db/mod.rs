@@ -13,6 +13,7 @@ pub mod devices;
 pub mod secrets;
 pub mod tenants;
 pub mod tokens;
+pub mod users;
 pub mod webhooks;
 
 use anyhow::Context as _;

@@ -220,7 +220,7 @@ impl Role {
         }
     }
 
-    fn parse(s: &str) -> Option<Role> {
+    pub(crate) fn parse(s: &str) -> Option<Role> {
         match s {
             "viewer" => Some(Role::Viewer),
             "operator" => Some(Role::Operator),
@@ -262,10 +262,12 @@ impl ApiKey {
     }
 }
 
-/// Who is calling the REST API: resolved from an API key.
+/// Who is calling the REST API: resolved from an API key, or from a console session (which logged
+/// in with an API key or a user account).
 #[derive(Debug, Clone)]
 pub struct Principal {
-    pub key_id: String,
+    /// How the audit log names the caller: `apikey:<id>` or `user:<username>`.
+    pub actor: String,
     pub tenant_id: String,
     pub tenant_name: String,
     pub role: Role,
@@ -280,7 +282,7 @@ impl Principal {
             Err(ApiError::forbidden(
                 "forbidden",
                 format!(
-                    "this needs the {} role; the API key has {}",
+                    "this needs the {} role; the caller has {}",
                     needed.as_str(),
                     self.role.as_str()
                 ),
@@ -290,7 +292,7 @@ impl Principal {
 
     /// How the audit log names this caller.
     pub fn actor(&self) -> String {
-        format!("apikey:{}", self.key_id)
+        self.actor.clone()
     }
 }
 
@@ -371,7 +373,7 @@ pub async fn authenticate_api_key(
         let valid =
             constant_time_eq(&row.secret_hash, &key.secret_hash()) && row.revoked_at.is_none();
         Some(Principal {
-            key_id: key.id().to_owned(),
+            actor: format!("apikey:{}", key.id()),
             tenant_id: row.tenant_id,
             tenant_name: row.tenant_name,
             role: Role::parse(&row.role)?,
@@ -433,7 +435,7 @@ mod tests {
     fn roles_are_ordered() {
         assert!(Role::Admin > Role::Operator && Role::Operator > Role::Viewer);
         let p = Principal {
-            key_id: "k".into(),
+            actor: "apikey:k".into(),
             tenant_id: "t".into(),
             tenant_name: "acme".into(),
             role: Role::Viewer,
@@ -441,7 +443,7 @@ mod tests {
         assert!(p.require(Role::Viewer).is_ok());
         assert_eq!(
             p.require(Role::Admin).unwrap_err().to_string(),
-            "this needs the admin role; the API key has viewer"
+            "this needs the admin role; the caller has viewer"
         );
     }
 
