@@ -71,7 +71,7 @@ lint:
 
 # Everything CI runs: lints, unit tests, integration tests on SQLite and PostgreSQL with the musl
 # agent, schemathesis against the OpenAPI document, the bundle tests with the S3 store (Garage),
-# then the QEMU chain (tenant ISO booted with BIOS and UEFI, appliances enroll, link their user VM,
+# the web console in headless Chromium, then the QEMU chain (tenant ISO booted with BIOS and UEFI, appliances enroll, link their user VM,
 # take a bundle and a new agent).
 test: lint build agent
     cargo test --workspace --exclude kernex-tests
@@ -79,6 +79,7 @@ test: lint build agent
     just _integration postgres
     just test-openapi
     just _s3
+    just _browser
     just test-qemu
 
 # The stand-in base ISO (Ubuntu live-server layout, built from Debian packages); rebuilt only when
@@ -131,6 +132,18 @@ test-postgres: build agent-binary
 test-openapi *ARGS:
     cargo build -p kernex-server
     scripts/openapi-check.sh {{ARGS}}
+
+# The web console in headless Chromium (Debian's chromium + chromium-driver): log in, create a
+# token, a real agent enrolls and goes online, roll a bundle out and back; screenshots in
+# target/console-screenshots/.
+test-browser: build agent-binary
+    just _browser
+
+[private]
+_browser:
+    @echo "==> the web console in headless Chromium"
+    KERNEX_AGENT_BIN={{agent_bin}} cargo test -p kernex-tests --test browser
+    @echo "screenshots: $(ls target/console-screenshots/*.png | wc -l) in target/console-screenshots/"
 
 # The S3 bundle store against a real Garage (started on loopback by scripts/garage.sh unless it
 # runs already): the store's own tests, then the bundle tests on SQLite with the musl agent.

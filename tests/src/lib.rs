@@ -16,6 +16,7 @@ pub mod postgres;
 pub mod proxy;
 pub mod receiver;
 mod s3;
+pub mod webdriver;
 
 pub use s3::{S3Bucket, S3Tap, TappedRequest};
 

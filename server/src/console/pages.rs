@@ -364,12 +364,15 @@ async fn deployments_page(
     extra: Value,
 ) -> PageResult {
     let principal = s.principal().clone();
-    let deployments = call(deployments::list(State(state.clone()), principal.clone()).await)
+    let mut deployments = call(deployments::list(State(state.clone()), principal.clone()).await)
         .await
         .map_err(|e| s.fail(e))?;
     let bundles = call(bundles::list(State(state.clone()), principal).await)
         .await
         .map_err(|e| s.fail(e))?;
+    for deployment in deployments.as_array_mut().into_iter().flatten() {
+        deployment["bundle_label"] = bundle_label(&bundles, &deployment["bundle"]);
+    }
     let mut context = json!({
         "nav": "deployments",
         "deployments": deployments,
@@ -384,6 +387,20 @@ async fn deployments_page(
 
 pub async fn deployments(State(state): State<AppState>, s: ConsoleSession) -> PageResult {
     deployments_page(&state, &s, StatusCode::OK, json!({})).await
+}
+
+/// `name version` of the bundle with id `id`, or the id when it is no longer stored.
+fn bundle_label(bundles: &Value, id: &Value) -> Value {
+    bundles
+        .as_array()
+        .and_then(|all| all.iter().find(|b| &b["id"] == id))
+        .map_or(id.clone(), |b| {
+            json!(format!(
+                "{} {}",
+                b["name"].as_str().unwrap_or_default(),
+                b["version"].as_str().unwrap_or_default()
+            ))
+        })
 }
 
 /// The deployment body of the console's form: targets as device ids or `key=value` labels,
@@ -525,6 +542,10 @@ async fn deployment_page(
         })
         .collect();
     deployment["progress"] = json!(progress);
+    let bundles = call(bundles::list(State(state.clone()), s.principal().clone()).await)
+        .await
+        .map_err(|e| s.fail(e))?;
+    deployment["bundle_label"] = bundle_label(&bundles, &deployment["bundle"]);
     let state_name = deployment["state"].as_str().unwrap_or_default().to_owned();
     Ok(page(
         "deployment.html",
