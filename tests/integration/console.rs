@@ -503,3 +503,21 @@ fn console_rollout_forms_drive_the_deployment() {
     assert!(page.body.starts_with("id,at,actor,action"), "{}", page.body);
     assert_eq!(page.body.lines().count(), 5, "{}", page.body);
 }
+
+#[test]
+fn the_devices_page_stays_a_page_with_many_devices() {
+    let server = Server::start();
+    let api = server.tenant("acme");
+    server.preauthorize("acme", 501);
+    let mut browser = Browser::new(&server);
+    assert_eq!(browser.login_key(&api.key).status, 303);
+    let page = browser.get("/console/devices");
+    assert_eq!(page.status, 200);
+    assert!(
+        page.body.contains("Showing the first 500 of 501 devices"),
+        "{}",
+        &page.body[..2000]
+    );
+    assert_eq!(page.body.matches("<tr class=\"device\"").count(), 500);
+    assert!(page.body.contains("pending (501)"), "every device counted");
+}

@@ -15,6 +15,9 @@ use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 
 type PageResult = Result<Response, PageError>;
+
+/// Rows of the devices page; the API (`GET /api/v1/devices`) lists them all.
+const MAX_DEVICES_SHOWN: usize = 500;
 type FormData = HashMap<String, String>;
 
 impl ConsoleSession {
@@ -118,17 +121,23 @@ pub async fn devices(
     .await
     .map_err(|e| s.fail(e))?;
     let mut counts = Map::new();
-    for device in list.as_array_mut().into_iter().flatten() {
-        decorate_device(&state, device);
+    let all = list.as_array_mut().map(std::mem::take).unwrap_or_default();
+    let total = all.len();
+    for device in &all {
         let status = device["status"].as_str().unwrap_or("unknown").to_owned();
         let n = counts.get(&status).and_then(Value::as_u64).unwrap_or(0);
         counts.insert(status, json!(n + 1));
+    }
+    // A page a browser can show: the first devices, counted all the same; the filters narrow it.
+    let mut shown: Vec<Value> = all.into_iter().take(MAX_DEVICES_SHOWN).collect();
+    for device in &mut shown {
+        decorate_device(&state, device);
     }
     Ok(page(
         "devices.html",
         Some(&s),
         StatusCode::OK,
-        json!({"nav": "devices", "devices": list, "counts": counts, "status": status}),
+        json!({"nav": "devices", "devices": shown, "total": total, "counts": counts, "status": status}),
     ))
 }
 
