@@ -237,8 +237,14 @@ fn console_sessions_forms_and_roles() {
     let (device, device_token) = &devices[0];
     for cpu in [10.0, 60.0, 30.0] {
         let beat = json!({"agent_version": "<script>alert(1)</script>", "telemetry": {
-            "cpu_percent": cpu, "mem_total_bytes": 1000, "mem_available_bytes": 250,
-            "disk_total_bytes": 2000, "disk_free_bytes": 1000}});
+        "cpu_percent": cpu, "mem_total_bytes": 1000, "mem_available_bytes": 250,
+        "disk_total_bytes": 2000, "disk_free_bytes": 1000},
+        "vms": [
+            {"name": "vm1", "address": "vsock://3:7070", "connected": true, "state": "connected",
+             "last_seen": 1_700_000_000, "rtt_ms": 2.345, "info": {"hostname": "app-vm"}},
+            {"name": "vm2", "address": "tcp://10.0.0.2:7070", "connected": false,
+             "state": "auth-failed", "error": "authentication failed: bad tag"},
+        ]});
         let reply = ureq::post(&format!("{}/api/v1/heartbeat", server.url))
             .set("authorization", &format!("Bearer {device_token}"))
             .send_json(beat);
@@ -254,8 +260,28 @@ fn console_sessions_forms_and_roles() {
     assert!(page.body.contains("75 %"), "memory in use: {}", page.body);
     assert!(!page.body.contains("<script>"), "{}", page.body);
     assert!(page.body.contains("&lt;script&gt;"), "{}", page.body);
+    assert!(
+        page.body.contains("1/2 connected"),
+        "user VMs: {}",
+        page.body
+    );
     let page = browser.get(&format!("/console/devices/{device}"));
     assert_eq!(page.status, 200);
+    assert_eq!(
+        page.body.matches("<tr class=\"vm\">").count(),
+        2,
+        "{}",
+        page.body
+    );
+    for shown in [
+        "app-vm",
+        "2.3 ms",
+        "2023-11-14T22:13:20Z",
+        "auth-failed",
+        "authentication failed: bad tag",
+    ] {
+        assert!(page.body.contains(shown), "{shown}: {}", page.body);
+    }
     let csrf_device = browser.csrf(&format!("/console/devices/{device}"));
     let page = browser.post(
         &format!("/console/devices/{device}/ping"),

@@ -101,6 +101,11 @@ fn decorate_device(state: &AppState, device: &mut Value) {
     if let (Some(object), Value::Object(extra)) = (device.as_object_mut(), extra) {
         object.extend(extra);
     }
+    for vm in device["vms"].as_array_mut().into_iter().flatten() {
+        if let Some(seconds) = vm["last_seen"].as_i64() {
+            vm["last_seen_at"] = json!(crate::db::rfc3339(seconds * 1000));
+        }
+    }
 }
 
 pub async fn devices(
