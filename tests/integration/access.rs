@@ -27,10 +27,17 @@ fn needs(method: &str, route: &str) -> Needs {
     match (method, route.trim_start_matches("/api/v1")) {
         ("GET", "/healthz" | "/readyz" | "/metrics" | "/openapi.json") => Public,
         ("POST", "/enroll" | "/auth" | "/heartbeat" | "/deployments/{id}/status") => Device,
-        ("GET", _) if route.ends_with("/apikeys") || route.contains("/webhooks") => Admin,
+        ("GET", _)
+            if route.ends_with("/apikeys")
+                || route.ends_with("/users")
+                || route.contains("/webhooks") =>
+        {
+            Admin
+        }
         ("POST", "/webhooks") | ("DELETE", "/webhooks/{id}") => Admin,
         ("GET", _) => Viewer,
         ("POST", "/tokens" | "/tokens/{id}/revoke" | "/apikeys" | "/apikeys/{id}/revoke") => Admin,
+        ("POST", "/users" | "/users/{username}/disable") => Admin,
         ("POST", "/publisher-keys" | "/publisher-keys/{id}/revoke") => Admin,
         ("POST", "/devices/{id}/commands" | "/bundles" | "/deployments") => Operator,
         ("POST", action) if action.starts_with("/deployments/{id}/") => Operator,
@@ -78,6 +85,7 @@ impl Objects {
             .replace("{name}", "acme")
             .replace("{id}", id)
             .replace("{command}", &self.command)
+            .replace("{username}", "carol")
     }
 
     /// A request body that is valid for the route, so only authorization can refuse it.
@@ -88,6 +96,11 @@ impl Objects {
             ("POST", "/publisher-keys") => api.call_raw("POST", &path, &self.new_publisher_key),
             ("POST", "/tokens") => api.call("POST", &path, Some(json!({"uses": 1}))),
             ("POST", "/apikeys") => api.call("POST", &path, Some(json!({"role": "viewer"}))),
+            ("POST", "/users") => api.call(
+                "POST",
+                &path,
+                Some(json!({"username": "dave", "password": "a long enough password", "role": "viewer"})),
+            ),
             ("POST", "/webhooks") => api.call(
                 "POST",
                 &path,
@@ -130,6 +143,7 @@ fn snapshot(admin: &Api, objects: &Objects) -> Value {
         "/tenants".to_owned(),
         "/tokens".to_owned(),
         "/apikeys".to_owned(),
+        "/users".to_owned(),
         "/devices".to_owned(),
         format!("/devices/{}/commands", objects.device),
         "/publisher-keys".to_owned(),
@@ -193,6 +207,11 @@ fn every_endpoint_refuses_other_tenants_lower_roles_and_anonymous_callers() {
         "/webhooks",
         json!({"url": "http://127.0.0.1:9/hook", "events": ["device.offline"]}),
     ));
+    let (status, body) = admin.post(
+        "/users",
+        json!({"username": "carol", "password": "a long enough password", "role": "viewer"}),
+    );
+    assert_eq!(status, 201, "{body}");
     let (new_key, new_public) = keygen(acme.work.path(), "second");
     drop(new_key);
     let objects = Objects {

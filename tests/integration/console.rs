@@ -547,3 +547,90 @@ fn the_devices_page_stays_a_page_with_many_devices() {
     assert_eq!(page.body.matches("<tr class=\"device\"").count(), 500);
     assert!(page.body.contains("pending (501)"), "every device counted");
 }
+
+#[test]
+fn admins_manage_console_users_in_the_console_and_the_api() {
+    let server = Server::start();
+    let api = server.tenant("acme");
+    let mut admin = Browser::new(&server);
+    assert_eq!(admin.login_key(&api.key).status, 303);
+    let csrf = admin.csrf("/console/tenant");
+
+    // A weak password: refused with the API's message, the username kept, the password not.
+    let page = admin.post(
+        "/console/users",
+        &[
+            ("csrf", &csrf),
+            ("username", "bob"),
+            ("password", "short"),
+            ("role", "operator"),
+        ],
+    );
+    assert_eq!(page.status, 400, "{}", page.body);
+    assert!(
+        page.body.contains("at least 12 characters"),
+        "{}",
+        page.body
+    );
+    assert!(page.body.contains("value=\"bob\""), "{}", page.body);
+    assert!(!page.body.contains("value=\"short\""), "{}", page.body);
+
+    let page = admin.post(
+        "/console/users",
+        &[
+            ("csrf", &csrf),
+            ("username", "bob"),
+            ("password", "bob's long password"),
+            ("role", "operator"),
+        ],
+    );
+    assert_eq!(page.status, 303, "{}", page.body);
+    let (status, users) = api.get("/users");
+    assert_eq!(status, 200, "{users}");
+    assert_eq!(users[0]["username"], "bob");
+    assert_eq!(users[0]["role"], "operator");
+    assert!(
+        !users.to_string().contains("argon2"),
+        "no hash in the API: {users}"
+    );
+
+    // The same name again, from the API: 409; another tenant's admin cannot see or disable bob.
+    let (status, body) = api.post(
+        "/users",
+        json!({"username": "bob", "password": "another long password", "role": "viewer"}),
+    );
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("user_exists"))
+    );
+    let other = server.tenant("other");
+    assert_eq!(other.get("/users").1, json!([]));
+    assert_eq!(other.post("/users/bob/disable", json!({})).0, 404);
+
+    // bob logs in; disabling him in the console ends that session.
+    let mut bob = Browser::new(&server);
+    let page = bob.post(
+        "/console/login",
+        &[("username", "bob"), ("password", "bob's long password")],
+    );
+    assert_eq!(page.status, 303, "{}", page.body);
+    let page = bob.get("/console/tenant");
+    assert!(
+        page.body.contains("shown to admins"),
+        "an operator sees no keys: {}",
+        page.body
+    );
+    let page = admin.post("/console/users/bob/disable", &[("csrf", &csrf)]);
+    assert_eq!(page.status, 303, "{}", page.body);
+    assert_eq!(bob.get("/console/devices").status, 303);
+    let (_, users) = api.get("/users");
+    assert!(users[0]["disabled_at"].is_string(), "{users}");
+    let (_, events) = api.get("/audit?action=user");
+    let actions: Vec<_> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].clone())
+        .collect();
+    assert_eq!(actions, [json!("user.disabled"), json!("user.created")]);
+}

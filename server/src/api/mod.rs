@@ -10,6 +10,7 @@ pub(crate) mod extract;
 pub mod limits;
 pub mod openapi;
 pub(crate) mod rest;
+pub(crate) mod users;
 mod webhooks;
 
 use crate::db::Db;
@@ -114,6 +115,8 @@ pub fn app(state: AppState) -> Router {
             get(rest::list_api_keys).post(rest::create_api_key),
         )
         .route(&v1("/apikeys/{id}/revoke"), post(rest::revoke_api_key))
+        .route(&v1("/users"), get(users::list).post(users::create))
+        .route(&v1("/users/{username}/disable"), post(users::disable))
         .route(&v1("/devices"), get(rest::list_devices))
         .route(
             &v1("/devices/{id}"),
@@ -231,6 +234,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v1/apikeys"),
     ("POST", "/api/v1/apikeys"),
     ("POST", "/api/v1/apikeys/{id}/revoke"),
+    ("GET", "/api/v1/users"),
+    ("POST", "/api/v1/users"),
+    ("POST", "/api/v1/users/{username}/disable"),
     ("GET", "/api/v1/devices"),
     ("GET", "/api/v1/devices/{id}"),
     ("DELETE", "/api/v1/devices/{id}"),

@@ -8,7 +8,7 @@
 //! the attributes list only what is particular to the route.
 //! `every_route_of_the_router_is_documented` keeps the document and the router in step.
 
-use super::{bundles, deployments, device, rest, webhooks};
+use super::{bundles, deployments, device, rest, users, webhooks};
 use axum::http::header;
 use axum::response::IntoResponse;
 use kernex_protocol::wire::ErrorBody;
@@ -41,6 +41,9 @@ use utoipa::OpenApi;
         rest::list_api_keys,
         rest::create_api_key,
         rest::revoke_api_key,
+        users::list,
+        users::create,
+        users::disable,
         rest::list_devices,
         rest::get_device,
         rest::deregister_device,
@@ -79,6 +82,7 @@ use utoipa::OpenApi;
         (name = "tenants"),
         (name = "tokens", description = "Bootstrap tokens that enroll devices"),
         (name = "apikeys", description = "API keys of the REST API"),
+        (name = "users", description = "Console user accounts (admin)"),
         (name = "devices"),
         (name = "audit"),
         (name = "bundles", description = "Publisher keys, signed bundles and their download"),

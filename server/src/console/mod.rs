@@ -72,6 +72,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/console/deployments/{id}/{action}"),
     ("GET", "/console/audit"),
     ("GET", "/console/tenant"),
+    ("POST", "/console/users"),
+    ("POST", "/console/users/{username}/disable"),
     ("GET", "/console/{*rest}"),
 ];
 
@@ -108,6 +110,11 @@ pub fn router() -> Router<AppState> {
         )
         .route("/console/audit", get(pages::audit))
         .route("/console/tenant", get(pages::tenant))
+        .route("/console/users", post(pages::create_user))
+        .route(
+            "/console/users/{username}/disable",
+            post(pages::disable_user),
+        )
         .route("/console/{*rest}", get(not_found))
         .layer(axum::middleware::map_response(secure_headers))
 }

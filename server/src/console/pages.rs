@@ -4,7 +4,7 @@
 use super::render::{page, sparkline, PageError};
 use super::ConsoleSession;
 use crate::api::extract::{ApiJson, ApiPath, ApiQuery};
-use crate::api::{bundles, deployments, rest, AppState};
+use crate::api::{bundles, deployments, rest, users, AppState};
 use crate::db::tokens::Role;
 use crate::error::ApiError;
 use axum::extract::{Form, Path, Query, State};
@@ -664,7 +664,12 @@ pub async fn audit(
     ))
 }
 
-pub async fn tenant(State(state): State<AppState>, s: ConsoleSession) -> PageResult {
+async fn tenant_page(
+    state: &AppState,
+    s: &ConsoleSession,
+    status: StatusCode,
+    extra: Value,
+) -> PageResult {
     let principal = s.principal().clone();
     let tenant = call(
         rest::get_tenant(
@@ -681,22 +686,78 @@ pub async fn tenant(State(state): State<AppState>, s: ConsoleSession) -> PageRes
         let keys = call(rest::list_api_keys(State(state.clone()), principal.clone()).await)
             .await
             .map_err(|e| s.fail(e))?;
-        let users: Vec<_> = crate::db::users::list(&state.db, &principal.tenant_id)
+        let users = call(users::list(State(state.clone()), principal).await)
             .await
-            .map_err(|e| s.fail(e))?
-            .iter()
-            .map(|u| u.view())
-            .collect();
-        (keys, json!(users))
+            .map_err(|e| s.fail(e))?;
+        (keys, users)
     } else {
         (Value::Null, Value::Null)
     };
-    Ok(page(
-        "tenant.html",
-        Some(&s),
-        StatusCode::OK,
-        json!({"nav": "tenant", "tenant": tenant, "keys": keys, "users": users}),
-    ))
+    let mut context = json!({"nav": "tenant", "tenant": tenant, "keys": keys, "users": users});
+    if let (Some(object), Value::Object(extra)) = (context.as_object_mut(), extra) {
+        object.extend(extra);
+    }
+    Ok(page("tenant.html", Some(s), status, context))
+}
+
+pub async fn tenant(State(state): State<AppState>, s: ConsoleSession) -> PageResult {
+    tenant_page(&state, &s, StatusCode::OK, json!({})).await
+}
+
+/// `POST /console/users`: a new console user of the tenant (admins).
+pub async fn create_user(
+    State(state): State<AppState>,
+    s: ConsoleSession,
+    Form(form): Form<FormData>,
+) -> PageResult {
+    let body = json!({
+        "username": field(&form, "username").unwrap_or_default(),
+        "password": form.get("password").map(String::as_str).unwrap_or_default(),
+        "role": field(&form, "role").unwrap_or("viewer"),
+    });
+    let action = async {
+        let body = input(body)?;
+        call(users::create(State(state.clone()), s.principal().clone(), ApiJson(body)).await).await
+    };
+    // The password is not sent back into the form.
+    let kept = json!({"username": form.get("username"), "role": form.get("role")});
+    act(
+        &s,
+        &form,
+        "/console/tenant".into(),
+        action,
+        async |status, error| {
+            tenant_page(&state, &s, status, json!({"error": error, "form": kept})).await
+        },
+    )
+    .await
+}
+
+pub async fn disable_user(
+    State(state): State<AppState>,
+    s: ConsoleSession,
+    Path(username): Path<String>,
+    Form(form): Form<FormData>,
+) -> PageResult {
+    let action = async {
+        call(
+            users::disable(
+                State(state.clone()),
+                s.principal().clone(),
+                ApiPath(username.clone()),
+            )
+            .await,
+        )
+        .await
+    };
+    act(
+        &s,
+        &form,
+        "/console/tenant".into(),
+        action,
+        async |status, error| tenant_page(&state, &s, status, json!({"error": error})).await,
+    )
+    .await
 }
 
 #[cfg(test)]

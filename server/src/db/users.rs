@@ -27,8 +27,8 @@ pub struct User {
     pub disabled_at: Option<i64>,
 }
 
-/// A user as `--json` and the console show it (never the password hash).
-#[derive(Debug, Serialize)]
+/// A user as the API, `--json` and the console show it (never the password hash).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct UserView {
     pub id: String,
     pub username: String,
