@@ -41,6 +41,11 @@ server-static:
 container: server-static
     scripts/check-container.sh image
 
+# The image really built and run with podman, offline (scripts/container-smoke.sh): Debian base
+# from debootstrap (once), build, run with a volume; probes, uid 65532, tenant + API key over REST.
+container-run: server-static
+    scripts/container-smoke.sh
+
 # A second static agent that says it is one patch newer (`<x.y.z+1>-next`), for the self-update
 # tests; rebuilt only when the agent's sources change. Leaves the shipped agent in place.
 agent-next: agent-binary
