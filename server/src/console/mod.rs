@@ -181,11 +181,13 @@ impl ConsoleSession {
         if constant_time_eq(sent, self.session.csrf.as_bytes()) {
             Ok(())
         } else {
-            Err(ApiError::forbidden(
-                "invalid_csrf",
-                "the form's CSRF token is missing or not this session's: reload the page and try again",
-            )
-            .into())
+            Err(PageError {
+                error: ApiError::forbidden(
+                    "invalid_csrf",
+                    "the form's CSRF token is missing or not this session's: reload the page and try again",
+                ),
+                session: Some(Box::new(self.clone())),
+            })
         }
     }
 }

@@ -34,6 +34,14 @@ impl ConsoleSession {
     }
 }
 
+/// `context` with the fields of `extra` added (a page's optional parts: an error, a form, ...).
+fn merged(mut context: Value, extra: Value) -> Value {
+    if let (Some(object), Value::Object(extra)) = (context.as_object_mut(), extra) {
+        object.extend(extra);
+    }
+    context
+}
+
 /// What a REST handler answered, as JSON (an empty body as `null`).
 async fn call<R: IntoResponse>(result: Result<R, ApiError>) -> Result<Value, ApiError> {
     let response = result?.into_response();
@@ -202,10 +210,7 @@ where
     F: std::future::Future<Output = Result<Value, ApiError>>,
     P: AsyncFnOnce(StatusCode, String) -> PageResult,
 {
-    s.check_form(form).map_err(|e| PageError {
-        session: Some(Box::new(s.clone())),
-        ..e
-    })?;
+    s.check_form(form)?;
     match action.await {
         Ok(_) => Ok(see_other(&done)),
         Err(ApiError::Internal(e)) => Err(s.fail(ApiError::Internal(e))),
@@ -282,10 +287,10 @@ async fn tokens_page(
     let tokens = call(rest::list_tokens(State(state.clone()), s.principal().clone()).await)
         .await
         .map_err(|e| s.fail(e))?;
-    let mut context = json!({"nav": "tokens", "tokens": tokens, "can_admin": s.can(Role::Admin)});
-    if let (Some(object), Value::Object(extra)) = (context.as_object_mut(), extra) {
-        object.extend(extra);
-    }
+    let context = merged(
+        json!({"nav": "tokens", "tokens": tokens, "can_admin": s.can(Role::Admin)}),
+        extra,
+    );
     Ok(page("tokens.html", Some(s), status, context))
 }
 
@@ -299,10 +304,7 @@ pub async fn create_token(
     s: ConsoleSession,
     Form(form): Form<FormData>,
 ) -> PageResult {
-    s.check_form(&form).map_err(|e| PageError {
-        session: Some(Box::new(s.clone())),
-        ..e
-    })?;
+    s.check_form(&form)?;
     let created = async {
         let body = input(json!({
             "uses": number::<u32>(&form, "uses")?,
@@ -387,15 +389,15 @@ async fn deployments_page(
     for deployment in deployments.as_array_mut().into_iter().flatten() {
         deployment["bundle_label"] = bundle_label(&bundles, &deployment["bundle"]);
     }
-    let mut context = json!({
-        "nav": "deployments",
-        "deployments": deployments,
-        "bundles": bundles,
-        "can_operate": s.can(Role::Operator),
-    });
-    if let (Some(object), Value::Object(extra)) = (context.as_object_mut(), extra) {
-        object.extend(extra);
-    }
+    let context = merged(
+        json!({
+            "nav": "deployments",
+            "deployments": deployments,
+            "bundles": bundles,
+            "can_operate": s.can(Role::Operator),
+        }),
+        extra,
+    );
     Ok(page("deployments.html", Some(s), status, context))
 }
 
@@ -483,10 +485,7 @@ pub async fn create_deployment(
     s: ConsoleSession,
     Form(form): Form<FormData>,
 ) -> PageResult {
-    s.check_form(&form).map_err(|e| PageError {
-        session: Some(Box::new(s.clone())),
-        ..e
-    })?;
+    s.check_form(&form)?;
     let created = async {
         let body = input(deployment_body(&form)?)?;
         call(deployments::create(State(state.clone()), s.principal().clone(), ApiJson(body)).await)
@@ -590,10 +589,7 @@ pub async fn act_on_deployment(
     Path((id, action)): Path<(String, String)>,
     Form(form): Form<FormData>,
 ) -> PageResult {
-    s.check_form(&form).map_err(|e| PageError {
-        session: Some(Box::new(s.clone())),
-        ..e
-    })?;
+    s.check_form(&form)?;
     let (st, p, path) = (
         State(state.clone()),
         s.principal().clone(),
@@ -693,10 +689,10 @@ async fn tenant_page(
     } else {
         (Value::Null, Value::Null)
     };
-    let mut context = json!({"nav": "tenant", "tenant": tenant, "keys": keys, "users": users});
-    if let (Some(object), Value::Object(extra)) = (context.as_object_mut(), extra) {
-        object.extend(extra);
-    }
+    let context = merged(
+        json!({"nav": "tenant", "tenant": tenant, "keys": keys, "users": users}),
+        extra,
+    );
     Ok(page("tenant.html", Some(s), status, context))
 }
 
