@@ -75,9 +75,9 @@ lint:
     scripts/check-helm.sh
 
 # Everything CI runs: lints, unit tests, integration tests on SQLite and PostgreSQL with the musl
-# agent, schemathesis against the OpenAPI document, the bundle tests with the S3 store (Garage),
-# the web console in headless Chromium, then the QEMU chain (tenant ISO booted with BIOS and UEFI, appliances enroll, link their user VM,
-# take a bundle and a new agent).
+# agent, schemathesis against the OpenAPI document, the bundle and backup tests with the S3 store
+# (Garage), the web console in headless Chromium, then the QEMU chain (tenant ISO booted with BIOS
+# and UEFI, appliances enroll, link their user VM, take a bundle and a new agent).
 test: lint build agent
     cargo test --workspace --exclude kernex-tests
     just _integration sqlite
@@ -151,7 +151,8 @@ _browser:
     @echo "screenshots: $(ls target/console-screenshots/*.png | wc -l) in target/console-screenshots/"
 
 # The S3 bundle store against a real Garage (started on loopback by scripts/garage.sh unless it
-# runs already): the store's own tests, then the bundle tests on SQLite with the musl agent.
+# runs already): the store's own tests, then the bundle tests and the S3 backup/restore test on
+# SQLite with the musl agent.
 test-s3: build agent-binary
     just _s3
 
@@ -160,7 +161,7 @@ _s3:
     @echo "==> S3 bundle store against Garage"
     settings=$(scripts/garage.sh); eval "$settings"; \
       cargo test --workspace --exclude kernex-tests --lib store::s3 && \
-      KERNEX_AGENT_BIN={{agent_bin}} cargo test -p kernex-tests --test integration bundles::
+      KERNEX_AGENT_BIN={{agent_bin}} cargo test -p kernex-tests --test integration -- bundles:: backup::s3_
 
 # The integration suite on one backend, with the shipped (musl) agent.
 [private]

@@ -136,6 +136,27 @@ pub async fn backup(
     store: &BundleStoreArgs,
     out: &Path,
 ) -> anyhow::Result<Manifest> {
+    // The manifest is what a restore finds an S3 store's bundles by: it must name the bucket.
+    if store.bundle_store == BundleStoreKind::S3 {
+        for (flag, var, missing) in [
+            (
+                "--s3-endpoint",
+                "KERNEX_S3_ENDPOINT",
+                store.s3_endpoint.is_none(),
+            ),
+            (
+                "--s3-bucket",
+                "KERNEX_S3_BUCKET",
+                store.s3_bucket.as_deref().is_none_or(str::is_empty),
+            ),
+        ] {
+            ensure!(
+                !missing,
+                "--bundle-store s3 needs {flag} (or the environment variable {var}): the manifest \
+                 names the bucket the bundles stay in"
+            );
+        }
+    }
     prepare_out(out)?;
     let (dump, schema_version, live) = match source {
         Source::Sqlite(file) => backup_sqlite(file, &out.join(SQLITE_DUMP))?,

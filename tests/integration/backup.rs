@@ -2,12 +2,14 @@
 //! devices heartbeat, checked and refused when damaged or aimed at a target holding data, then
 //! restored in place of lost storage; the restored server has the devices, tokens, keys and bundle
 //! files, and the agent carries on against it without enrolling again. On PostgreSQL when
-//! `KERNEX_TEST_POSTGRES` is set (pg_dump / pg_restore), on SQLite otherwise (VACUUM INTO).
+//! `KERNEX_TEST_POSTGRES` is set (pg_dump / pg_restore), on SQLite otherwise (VACUUM INTO). With
+//! `KERNEX_TEST_S3` set, the same with the bundles in the bucket, which the backup only names.
 
+use crate::bundles::{active_version, wait_deployment};
 use crate::limits::heartbeat;
 use kernex_tests::bundle::Publisher;
-use kernex_tests::{psql, wait_for, Agent, BundleStore, Server, Storage};
-use serde_json::Value;
+use kernex_tests::{psql, wait_for, Agent, BundleStore, S3Bucket, S3Tap, Server, Storage};
+use serde_json::{json, Value};
 use sha2::{Digest as _, Sha256};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -190,4 +192,224 @@ fn backup_under_heartbeats_restores_devices_tokens_and_bundles() {
     );
     assert_eq!(agent.status()["device_id"], device_id.as_str());
     assert_eq!(api.devices().len(), 1 + fleet.len());
+}
+
+/// Whether a restore target holds nothing: no data directory, and on PostgreSQL no table.
+fn target_is_empty(server: &Server) -> bool {
+    if server.data_dir().exists() {
+        return false;
+    }
+    match &server.storage {
+        Storage::Postgres { url, .. } => {
+            let out = std::process::Command::new("psql")
+                .args([
+                    url.as_str(),
+                    "-tAc",
+                    "SELECT count(*) FROM pg_tables \
+                     WHERE schemaname NOT IN ('pg_catalog', 'information_schema')",
+                ])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).trim() == "0"
+        }
+        _ => true,
+    }
+}
+
+/// With the S3 bundle store (only when `KERNEX_TEST_S3` is set): the backup of a running server
+/// records the bucket instead of copying bundle files (and is refused without the bucket's name);
+/// a restore with the other store kind is refused either way before anything is written; restored
+/// with the bucket's options, the server serves the bundle from the bucket again, the agent
+/// carries on, and a deployment reaches it through the presigned redirect.
+#[test]
+fn s3_backup_records_the_bucket_and_restores_against_it() {
+    let Some(bucket) = S3Bucket::from_env() else {
+        eprintln!("skipped: KERNEX_TEST_S3 is not set (`just test-s3` starts Garage and sets it)");
+        return;
+    };
+    // The server reaches the bucket through a tap, which records the devices' presigned GETs.
+    let tap = S3Tap::start(&bucket.endpoint, u64::MAX);
+    let bucket = bucket.via(&tap.url);
+    let s3_args = bucket.serve_args();
+    let s3_args: Vec<&str> = s3_args.iter().map(String::as_str).collect();
+    let mut server = Server::start_with_bundles(
+        BundleStore::S3(bucket.clone()),
+        &["--heartbeat-interval", "1s", "--rollout-interval", "200ms"],
+    );
+    let publisher = Publisher::new(&server);
+    let api = publisher.api.clone();
+    let bundle_id = publisher.bundle("1.0.0", 200_000);
+    let (_, bundle) = api.get(&format!("/bundles/{bundle_id}"));
+    let bundle_sha = bundle["sha256"].as_str().unwrap().to_owned();
+    let bundle_bytes = download(&api.base, &api.key, &bundle_id);
+    assert_eq!(archive_sha256(&bundle_bytes), bundle_sha);
+    let objects = bucket.objects();
+    assert!(
+        objects.len() == 1 && objects[0].contains(&bundle_id),
+        "{objects:?}"
+    );
+
+    let bootstrap = server.token("acme", &[]);
+    let agent = Agent::start(&server.url, "acme", &bootstrap);
+    let device = api.wait_device("the agent to enroll and heartbeat", |d| {
+        d["last_heartbeat"].is_string()
+    });
+    let device_id = device["id"].as_str().unwrap().to_owned();
+
+    // Backed up while the server runs and the agent heartbeats: the database only, and the bucket
+    // named in the manifest.
+    let work = tempfile::tempdir().unwrap();
+    let backup = work.path().join("backup");
+    // Without the bucket's name the manifest could not say where the bundles are: refused.
+    let out = server.admin_output(&[
+        "backup",
+        "--out",
+        backup.to_str().unwrap(),
+        "--bundle-store",
+        "s3",
+        "--s3-endpoint",
+        &bucket.endpoint,
+    ]);
+    let error = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(error.contains("needs --s3-bucket"), "{error}");
+    assert!(!backup.exists());
+    let mut args = vec!["backup", "--out", backup.to_str().unwrap(), "--json"];
+    args.extend(&s3_args);
+    let manifest: Value = serde_json::from_str(&server.admin(&args)).unwrap();
+    let on_disk: Value =
+        serde_json::from_slice(&std::fs::read(backup.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest, on_disk);
+    let store = &manifest["bundle_store"];
+    assert_eq!(store["kind"], "s3", "{manifest:#}");
+    assert_eq!(store["bucket"], bucket.bucket.as_str());
+    assert_eq!(store["prefix"], bucket.prefix.as_str());
+    assert_eq!(
+        store["endpoint"].as_str().unwrap().trim_end_matches('/'),
+        bucket.endpoint
+    );
+    assert!(
+        store["note"]
+            .as_str()
+            .unwrap()
+            .starts_with("1 bundle files"),
+        "{store}"
+    );
+    let files: Vec<&str> = manifest["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    let postgres = matches!(server.storage, Storage::Postgres { .. });
+    assert_eq!(
+        files,
+        [if postgres {
+            "database.pgdump"
+        } else {
+            "kernex.db"
+        }]
+    );
+    assert!(!backup.join("bundles").exists());
+
+    // A backup of a server with the local store, for the opposite refusal.
+    let local = Server::start_with_bundles(BundleStore::Local, &[]);
+    Publisher::new(&local).bundle("1.0.0", 10_000);
+    let local_backup = work.path().join("local-backup");
+    local.admin(&["backup", "--out", local_backup.to_str().unwrap()]);
+    drop(local);
+
+    // The storage is lost: a new data directory (and on PostgreSQL a new, empty database); the
+    // bucket is still there.
+    server.stop();
+    std::fs::rename(server.data_dir(), work.path().join("lost-data")).unwrap();
+    if let Storage::Postgres {
+        admin_url, name, ..
+    } = &server.storage
+    {
+        psql(admin_url, &format!("DROP DATABASE {name} WITH (FORCE)"));
+        psql(admin_url, &format!("CREATE DATABASE {name}"));
+    }
+    assert!(target_is_empty(&server));
+
+    // The S3 backup restored as if its bundles were local: refused naming the bucket.
+    let out = server.admin_output(&[
+        "restore",
+        "--from",
+        backup.to_str().unwrap(),
+        "--bundle-store",
+        "local",
+    ]);
+    let error = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        error.contains(&format!("S3 bucket {:?}", bucket.bucket))
+            && error.contains("--bundle-store s3"),
+        "{error}"
+    );
+    assert!(target_is_empty(&server));
+    // A local-store backup restored with the S3 store: refused too.
+    let mut args = vec!["restore", "--from", local_backup.to_str().unwrap()];
+    args.extend(&s3_args);
+    let out = server.admin_output(&args);
+    let error = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        error.contains("holds the files of a local bundle store")
+            && error.contains("restore with --bundle-store local"),
+        "{error}"
+    );
+    assert!(target_is_empty(&server));
+    assert_eq!(bucket.objects(), objects);
+
+    // Restored with the bucket's options, the server starts on the same bucket and port.
+    let mut args = vec!["restore", "--from", backup.to_str().unwrap()];
+    args.extend(&s3_args);
+    let restored = server.admin(&args);
+    assert!(restored.contains("restored"), "{restored}");
+    assert!(!server.data_dir().join("bundles").exists());
+    server.restart();
+
+    // The bundle's bytes come from the bucket through the restored server.
+    let (status, body) = api.get(&format!("/bundles/{bundle_id}"));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["sha256"], bundle_sha.as_str());
+    let bytes = download(&api.base, &api.key, &bundle_id);
+    assert_eq!(sha256_hex(&bytes), sha256_hex(&bundle_bytes));
+    assert_eq!(archive_sha256(&bytes), bundle_sha);
+
+    // The agent carries on with its device token: new heartbeats, the same device, no enrollment.
+    let (status, device) = api.get(&format!("/devices/{device_id}"));
+    assert_eq!(status, 200, "{device}");
+    let restored_beat = device["last_heartbeat"].as_str().unwrap().to_owned();
+    wait_for(
+        "the agent to heartbeat the restored server",
+        Duration::from_secs(30),
+        || {
+            let (_, device) = api.get(&format!("/devices/{device_id}"));
+            (device["last_heartbeat"].as_str() != Some(restored_beat.as_str())).then_some(())
+        },
+    );
+    assert_eq!(agent.status()["device_id"], device_id.as_str());
+    assert_eq!(api.devices().len(), 1);
+
+    // And a deployment of the bundle reaches it: a 307 to the bucket, verified and installed.
+    assert!(tap.presigned().is_empty());
+    let deployment = publisher.deploy(json!({"bundle": bundle_id, "devices": [device_id]}));
+    wait_deployment(&api, &deployment, "succeeded");
+    assert_eq!(active_version(&agent).as_deref(), Some("1.0.0"));
+    let seen = tap.presigned();
+    assert!(!seen.is_empty());
+    for request in &seen {
+        assert!(
+            request.request_line.contains(&bundle_id) && [200, 206].contains(&request.status),
+            "{request:#?}"
+        );
+        assert_eq!(request.header("authorization"), None, "{request:#?}");
+    }
 }
