@@ -66,7 +66,10 @@ measure_noop() {
 }
 
 rows=()
+declare -A after_rss
+marginals=()
 for backend in $backends; do
+  previous_n=""
   for n in $devices; do
     dir="$work/$backend-$n"; mkdir -p "$dir"
     storage=(--data-dir "$dir/data")
@@ -90,6 +93,14 @@ for backend in $backends; do
     rss=$(rss_kib "$server_pid")
     ratio=$(echo "scale=2; $rate / $noop_rate" | bc)
     per_device=$(echo "scale=1; ($rss - $idle_rss) * 1024 / $n" | bc)
+    # The cost of one more device, free of what any server holds for its connections and buffers
+    # whatever the fleet: the growth of RSS between two fleet sizes.
+    after_rss[$backend-$n]=$rss
+    if [ -n "$previous_n" ]; then
+      marginal=$(echo "scale=1; ($rss - ${after_rss[$backend-$previous_n]}) * 1024 / ($n - $previous_n)" | bc)
+      marginals+=("$backend: $marginal B per device from $previous_n to $n devices")
+    fi
+    previous_n=$n
     rows+=("| kernex-server $backend | $n | $rate | $p50 | $p99 | $non2xx | $((rss / 1024)) MiB | $per_device B | $ratio |")
     seeds+=("$backend $n devices seeded in ${seed_s%???????} s")
     if [ "$n" = "${devices%% *}" ]; then
@@ -115,6 +126,12 @@ out="bench/results/heartbeat-$(date -u +%Y%m%dT%H%M%SZ).md"
   echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
   printf '%s\n' "${rows[@]}"
   echo
+  if [ ${#marginals[@]} -gt 0 ]; then
+    echo "Marginal server memory (RSS after the larger run - RSS after the smaller, / added devices):"
+    echo
+    printf -- '- %s\n' "${marginals[@]}"
+    echo
+  fi
   echo "Enrollment (replayed signed body, idempotent path: RSA-4096 verification + lookups):"
   echo
   echo "| backend | enrollments/s | p50 | p99 | non-2xx |"
