@@ -189,6 +189,10 @@ pub struct ServeArgs {
     /// How long a web console login lasts.
     #[arg(long, default_value = "12h", value_parser = humantime::parse_duration)]
     pub console_session_lifetime: std::time::Duration,
+    /// Mark the console's cookie Secure (HTTPS only) even when serving plain HTTP on loopback: for
+    /// a TLS-terminating proxy on the same host. It is Secure in every other case anyway.
+    #[arg(long)]
+    pub console_secure_cookies: bool,
     #[command(flatten)]
     pub bundle_store: BundleStoreArgs,
     #[command(flatten)]
@@ -459,7 +463,8 @@ pub enum UserCommand {
         /// File holding the password (its first line); at least 12 characters.
         #[arg(long, value_name = "FILE")]
         password_file: Option<PathBuf>,
-        /// 1–64 of a-z, 0-9, `.`, `_`, `@`, `-`; unique across tenants.
+        /// 1–64 of a-z, 0-9, `.`, `_`, `@`, `-`, starting with a letter or digit; unique across
+        /// tenants.
         username: String,
         #[arg(long)]
         json: bool,
@@ -756,7 +761,7 @@ async fn dispatch(db: &Db, data_dir: &std::path::Path, command: Command) -> anyh
                     session_lifetime: args.console_session_lifetime,
                     // Over TLS here, or (plain HTTP off loopback) behind a proxy terminating TLS:
                     // either way the browser speaks HTTPS. Only plain HTTP on loopback is not.
-                    secure_cookies: !listen_loopback_plain,
+                    secure_cookies: args.console_secure_cookies || !listen_loopback_plain,
                 },
             };
             serve(db.clone(), options).await

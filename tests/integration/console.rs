@@ -634,3 +634,36 @@ fn admins_manage_console_users_in_the_console_and_the_api() {
         .collect();
     assert_eq!(actions, [json!("user.disabled"), json!("user.created")]);
 }
+
+#[test]
+fn guesses_sent_at_once_are_each_paid_for() {
+    // 1 per minute, 2 at once: twelve wrong keys sent together all get through the check (none had
+    // failed yet), and each failure pushes the address's next chance out by a minute.
+    let server = Server::start_with(&["--rate-limit-failed-auth", "1/m:2"]);
+    let api = server.tenant("acme");
+    let guesses: Vec<_> = (0..12)
+        .map(|guess| {
+            let api = api.with_key(&format!("kxk_{guess:016x}_{}", "0".repeat(32)));
+            std::thread::spawn(move || api.get("/devices").0)
+        })
+        .collect();
+    let statuses: Vec<u16> = guesses.into_iter().map(|g| g.join().unwrap()).collect();
+    assert!(
+        statuses.iter().all(|s| *s == 401 || *s == 429),
+        "{statuses:?}"
+    );
+    let failed = statuses.iter().filter(|s| **s == 401).count() as u64;
+    let response = ureq::get(&format!("{}/api/v1/devices", server.url))
+        .set("authorization", &format!("Bearer {}", api.key))
+        .call()
+        .unwrap_err();
+    let ureq::Error::Status(429, response) = response else {
+        panic!("expected 429: {response:?}")
+    };
+    let wait: u64 = response.header("retry-after").unwrap().parse().unwrap();
+    // Every failure beyond the burst of two costs a minute of waiting.
+    assert!(
+        wait + 60 >= (failed - 1) * 60,
+        "{failed} failures, retry after {wait} s"
+    );
+}

@@ -10,7 +10,11 @@
 //! Failed authentications (an API key that is unknown, wrong or revoked; a failed console login)
 //! also count against their source address in a fourth limiter; once it is exhausted, that
 //! address's requests carrying an API key and its console logins are refused before any lookup, so
-//! guessing keys or passwords with a fresh string each time stays slow.
+//! guessing keys or passwords with a fresh string each time stays slow. Requests tried at once
+//! all pass that check and are each charged when they fail, so bursts are paid back in waiting.
+//! The price: clients sharing an address (NAT, or a proxy without `--forwarded-for`) share this
+//! allowance, and one of them failing over and over makes the others' key requests and logins
+//! wait too; raise `--rate-limit-failed-auth` (or turn it `off`) where that matters more.
 //!
 //! Authenticated traffic is not limited per address on purpose: a site's appliances often share one
 //! NAT address, and a load balancer in front of the server makes every device look alike. Requests
@@ -173,6 +177,18 @@ impl KeyedLimiter {
         }
         shard.insert(hash, arrival + self.interval);
         Ok(())
+    }
+
+    /// Counts one event for `key` even over the limit, pushing its next allowed time further out:
+    /// for failures found only after the fact, so that many tried at once are all paid for.
+    pub fn charge(&self, key: impl Hash) {
+        let now = self.now();
+        let hash = self.hasher.hash_one(key);
+        let mut shard = self.shards[hash as usize % SHARDS]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let arrival = shard.get(&hash).copied().unwrap_or(now).max(now);
+        shard.insert(hash, arrival + self.interval);
     }
 
     /// Whether `key` is over the limit now, without counting anything.
@@ -342,8 +358,10 @@ pub async fn limit_requests(
         .into_response(),
     };
     if let Some((limiter, address)) = failures {
+        // Charged even past the limit: guesses sent all at once, which all passed the check above
+        // before any had failed, each push the address's next chance further away.
         if response.status() == axum::http::StatusCode::UNAUTHORIZED {
-            let _ = limiter.check(address);
+            limiter.charge(address);
         }
     }
     response
@@ -422,6 +440,11 @@ mod tests {
         assert!(limiter.exhausted("a").is_some());
         assert!(limiter.exhausted("a").is_some(), "looking counted nothing");
         assert!(limiter.check_at("a", 500 * ms).is_err());
+        // Failures charged past the limit keep pushing the next chance out.
+        for _ in 0..3 {
+            limiter.charge("b");
+        }
+        assert!(limiter.exhausted("b").unwrap() > Duration::from_millis(1500));
     }
 
     #[test]

@@ -18,7 +18,8 @@ type ApiResult<T> = Result<T, ApiError>;
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateUserBody {
-    /// 1–64 of a-z, 0-9, `.`, `_`, `@`, `-`; unique across tenants.
+    /// 1–64 of a-z, 0-9, `.`, `_`, `@`, `-`, starting with a letter or digit; unique across
+    /// tenants.
     username: String,
     /// At least 12 characters; stored as an Argon2id hash.
     password: String,

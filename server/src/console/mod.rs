@@ -3,8 +3,9 @@
 //! The console is a view over the REST API's own handlers: every page calls the handlers the API
 //! routes call, with the principal of the logged-in session, and renders what they return. So a
 //! console action checks exactly the roles, writes exactly the audit events and webhooks, and
-//! fails with exactly the errors of the API call it stands for; nothing here touches the database
-//! except sessions.
+//! fails with exactly the errors of the API call it stands for; the database is touched here only
+//! to log in (checking the key or password, starting the session, auditing the login) and to find
+//! and end sessions.
 //!
 //! Security: a session is an HttpOnly, SameSite=Strict cookie (Secure unless the server is plain
 //! HTTP on loopback) naming a row of `console_sessions`; every form carries the session's CSRF
@@ -205,20 +206,35 @@ fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 /// A form posted from another site (an `Origin` that is not this host) is refused whatever it
 /// carries. Browsers send `Origin` with every POST; tools that send none are not browsers.
+/// "This host" is what the browser addressed: the URI's authority (HTTP/2 has no `Host` header),
+/// the `Host` header, or `X-Forwarded-Host` from a proxy that rewrites `Host`. A cross-site form
+/// cannot set headers, so none of these can be forged by the page that would profit.
 fn same_origin(parts: &Parts) -> bool {
     let Some(origin) = parts.headers.get(header::ORIGIN) else {
         return true;
     };
-    let host = parts
-        .headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok());
-    let origin_host = origin
+    let Some(origin_host) = origin
         .to_str()
         .ok()
         .and_then(|o| o.split_once("://"))
-        .map(|(_, rest)| rest);
-    matches!((origin_host, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
+        .map(|(_, rest)| rest)
+    else {
+        return false;
+    };
+    let header = |name| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|h: &HeaderValue| h.to_str().ok())
+    };
+    [
+        parts.uri.authority().map(|a| a.as_str()),
+        header(header::HOST),
+        header(header::HeaderName::from_static("x-forwarded-host")),
+    ]
+    .into_iter()
+    .flatten()
+    .any(|host| host.eq_ignore_ascii_case(origin_host))
 }
 
 impl FromRequestParts<AppState> for ConsoleSession {
@@ -281,7 +297,13 @@ impl axum::extract::OptionalFromRequestParts<AppState> for ConsoleSession {
 /// Only a path inside the console: `next` must not send a fresh login to another site.
 fn safe_next(next: Option<&str>) -> &str {
     match next {
-        Some(n) if n.starts_with("/console") && !n.starts_with("//") && !n.contains('\\') => n,
+        Some(n)
+            if n.starts_with("/console")
+                && !n.contains('\\')
+                && !n.bytes().any(|b| b < 0x20 || b == 0x7f) =>
+        {
+            n
+        }
         _ => "/console/devices",
     }
 }
@@ -436,6 +458,52 @@ mod tests {
             assert_eq!(safe_next(Some(bad)), "/console/devices", "{bad}");
         }
         assert_eq!(safe_next(None), "/console/devices");
+    }
+
+    #[test]
+    fn the_origin_is_compared_with_what_the_browser_addressed() {
+        let parts = |uri: &str, headers: &[(&str, &str)]| {
+            let mut request = axum::http::Request::builder().method("POST").uri(uri);
+            for (k, v) in headers {
+                request = request.header(*k, *v);
+            }
+            request.body(()).unwrap().into_parts().0
+        };
+        let origin = ("origin", "https://cp.example:8443");
+        // HTTP/2: no Host header, the authority is in the URI.
+        assert!(same_origin(&parts(
+            "https://cp.example:8443/console/login",
+            &[origin]
+        )));
+        assert!(same_origin(&parts(
+            "/console/login",
+            &[origin, ("host", "cp.example:8443")]
+        )));
+        // A proxy that rewrites Host and says what the browser asked for.
+        assert!(same_origin(&parts(
+            "/console/login",
+            &[
+                origin,
+                ("host", "10.0.0.5:8080"),
+                ("x-forwarded-host", "cp.example:8443")
+            ]
+        )));
+        assert!(!same_origin(&parts(
+            "/console/login",
+            &[origin, ("host", "10.0.0.5:8080")]
+        )));
+        assert!(!same_origin(&parts(
+            "https://cp.example:8443/console/login",
+            &[("origin", "https://evil.example")]
+        )));
+        assert!(!same_origin(&parts(
+            "/x",
+            &[("origin", "null"), ("host", "null")]
+        )));
+        assert!(
+            same_origin(&parts("/console/login", &[("host", "cp.example")])),
+            "no Origin"
+        );
     }
 
     #[test]

@@ -636,9 +636,8 @@ pub async fn audit(
         filter.insert("before".into(), json!(before));
     }
     let export = filter.contains_key("format");
-    if !export {
-        filter.insert("limit".into(), json!(50));
-    }
+    // A page shows 50; an export is as long as the API allows.
+    filter.insert("limit".into(), json!(if export { 100_000 } else { 50 }));
     let q = input(Value::Object(filter)).map_err(|e| s.fail(e))?;
     let response = rest::list_audit(State(state.clone()), s.principal().clone(), ApiQuery(q))
         .await

@@ -29,7 +29,7 @@ static TEMPLATES: std::sync::LazyLock<Environment<'static>> = std::sync::LazyLoc
         ("audit.html", include_str!("templates/audit.html")),
         ("tenant.html", include_str!("templates/tenant.html")),
     ] {
-        // A template that does not parse is a bug caught by `every_template_renders`.
+        // A template that does not parse is a bug caught by `every_template_parses`.
         if let Err(e) = env.add_template(name, source) {
             tracing::error!(template = name, error = %e, "console template does not parse");
         }

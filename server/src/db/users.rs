@@ -49,10 +49,14 @@ impl User {
     }
 }
 
-/// Usernames: 1–64 of `a-z 0-9 . _ @ -`, so an e-mail address works and nothing needs escaping.
+/// Usernames: 1–64 of `a-z 0-9 . _ @ -` starting with a letter or digit, so an e-mail address
+/// works, nothing needs escaping, and no name is a path segment of its own (`.`, `..`).
 pub fn check_username(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 64 {
         return Err("must be 1 to 64 characters".into());
+    }
+    if !name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit()) {
+        return Err("must start with a letter (a-z) or a digit".into());
     }
     match name
         .chars()
@@ -75,9 +79,23 @@ fn check_password(password: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Argon2 runs at most one per core at a time: each takes 19 MiB and tens of milliseconds, and a
+/// flood of logins must queue here rather than grow the blocking pool (up to 512 threads) to
+/// gigabytes.
+async fn password_work() -> tokio::sync::SemaphorePermit<'static> {
+    static WORK: std::sync::LazyLock<tokio::sync::Semaphore> = std::sync::LazyLock::new(|| {
+        tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()))
+    });
+    // Never closed, so acquiring cannot fail.
+    WORK.acquire()
+        .await
+        .unwrap_or_else(|_| unreachable!("the semaphore is never closed"))
+}
+
 /// Argon2id with the crate's defaults (19 MiB, 2 passes), on the blocking pool: tens of
 /// milliseconds of CPU that must not stall a runtime worker.
 async fn hash_password(password: String) -> Result<String, ApiError> {
+    let _permit = password_work().await;
     tokio::task::spawn_blocking(move || {
         let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
         argon2::Argon2::default()
@@ -99,6 +117,7 @@ async fn verify_password(hash: Option<String>, password: String) -> bool {
             .map(|h| h.to_string())
             .unwrap_or_default()
     });
+    let _permit = password_work().await;
     tokio::task::spawn_blocking(move || {
         let known = hash.is_some();
         let hash = hash.unwrap_or_else(|| DECOY.clone());
@@ -367,9 +386,15 @@ mod tests {
             assert_eq!(check_username(good), Ok(()), "{good}");
         }
         assert!(check_username("").is_err());
+        for bad in [".", "..", "-x", "_x", "@x"] {
+            assert!(
+                check_username(bad).unwrap_err().contains("must start"),
+                "{bad}"
+            );
+        }
         assert!(check_username(&"a".repeat(65)).is_err());
-        let err = check_username("Alice").unwrap_err();
-        assert!(err.contains("'A'"), "{err}");
+        let err = check_username("aLice").unwrap_err();
+        assert!(err.contains("'L'"), "{err}");
         assert!(check_username("a b").unwrap_err().contains("' '"));
     }
 
