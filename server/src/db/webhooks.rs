@@ -289,23 +289,37 @@ pub async fn record_attempt(
 /// replicas sweeping, each is announced once. Returns (offline, online) counts.
 #[tracing::instrument(name = "db.webhooks.sweep_devices", level = "info", skip_all)]
 pub async fn sweep_devices(db: &Db, offline_after: u32) -> Result<(usize, usize), sqlx::Error> {
+    const WENT_OFFLINE: &str = "offline_since IS NULL AND deregistered_at IS NULL
+        AND last_heartbeat IS NOT NULL AND interval_s IS NOT NULL
+        AND $1 > last_heartbeat + (CASE WHEN interval_s < 1 THEN 1 ELSE interval_s END) * 1000 * $2";
+    const CAME_BACK: &str = "offline_since IS NOT NULL AND last_heartbeat > offline_since";
     let now = now_ms();
     with_pool!(db, pool => {
+        // Look before taking the write lock: nearly every pass finds nothing, and on SQLite a
+        // write transaction scanning the devices would hold up the heartbeat writer meanwhile
+        // (a read does not, under WAL).
+        let due: bool = sqlx::query_scalar(&format!(
+            "SELECT EXISTS (SELECT 1 FROM devices WHERE {WENT_OFFLINE})
+                 OR EXISTS (SELECT 1 FROM devices WHERE {CAME_BACK})"))
+            .bind(now)
+            .bind(i64::from(offline_after))
+            .fetch_one(pool)
+            .await?;
+        if !due {
+            return Ok((0, 0));
+        }
         let mut tx = pool.begin_write().await?;
         let mut counts = [0; 2];
         let transitions = [
             ("device.offline",
-             "UPDATE devices SET offline_since = $1
-              WHERE offline_since IS NULL AND deregistered_at IS NULL AND last_heartbeat IS NOT NULL AND interval_s IS NOT NULL
-                AND $1 > last_heartbeat + (CASE WHEN interval_s < 1 THEN 1 ELSE interval_s END) * 1000 * $2
-              RETURNING id, tenant_id, hardware_id, last_heartbeat"),
+             format!("UPDATE devices SET offline_since = $1 WHERE {WENT_OFFLINE}
+              RETURNING id, tenant_id, hardware_id, last_heartbeat")),
             ("device.online",
-             "UPDATE devices SET offline_since = NULL
-              WHERE offline_since IS NOT NULL AND last_heartbeat > offline_since
-              RETURNING id, tenant_id, hardware_id, last_heartbeat"),
+             format!("UPDATE devices SET offline_since = NULL WHERE {CAME_BACK}
+              RETURNING id, tenant_id, hardware_id, last_heartbeat")),
         ];
         for (count, (kind, sql)) in counts.iter_mut().zip(transitions) {
-            let mut query = sqlx::query_as::<_, (String, String, String, i64)>(sql);
+            let mut query = sqlx::query_as::<_, (String, String, String, i64)>(&sql);
             if kind == "device.offline" {
                 query = query.bind(now).bind(i64::from(offline_after));
             }
