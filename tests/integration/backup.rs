@@ -181,16 +181,7 @@ fn backup_under_heartbeats_restores_devices_tokens_and_bundles() {
     assert!(bytes == bundle_bytes);
 
     // The agent carries on with its device token: new heartbeats, the same device, no enrollment.
-    let restored_beat = body["last_heartbeat"].as_str().unwrap().to_owned();
-    wait_for(
-        "the agent to heartbeat the restored server",
-        Duration::from_secs(30),
-        || {
-            let (_, device) = api.get(&format!("/devices/{device_id}"));
-            (device["last_heartbeat"].as_str() != Some(restored_beat.as_str())).then_some(())
-        },
-    );
-    assert_eq!(agent.status()["device_id"], device_id.as_str());
+    agent_carries_on(&api, &agent, &device_id, &body);
     assert_eq!(api.devices().len(), 1 + fleet.len());
 }
 
@@ -201,24 +192,29 @@ fn target_is_empty(server: &Server) -> bool {
     }
     match &server.storage {
         Storage::Postgres { url, .. } => {
-            let out = std::process::Command::new("psql")
-                .args([
-                    url.as_str(),
-                    "-tAc",
-                    "SELECT count(*) FROM pg_tables \
-                     WHERE schemaname NOT IN ('pg_catalog', 'information_schema')",
-                ])
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8_lossy(&out.stdout).trim() == "0"
+            psql(
+                url,
+                "SELECT count(*) FROM pg_tables \
+                 WHERE schemaname NOT IN ('pg_catalog', 'information_schema')",
+            ) == "0"
         }
         _ => true,
     }
+}
+
+/// The agent goes on with its device token after a restore: a heartbeat newer than `restored`
+/// (the device as the restored server first showed it), the same device, no enrollment.
+fn agent_carries_on(api: &kernex_tests::Api, agent: &Agent, device_id: &str, restored: &Value) {
+    let restored_beat = restored["last_heartbeat"].as_str().unwrap().to_owned();
+    wait_for(
+        "the agent to heartbeat the restored server",
+        Duration::from_secs(30),
+        || {
+            let (_, device) = api.get(&format!("/devices/{device_id}"));
+            (device["last_heartbeat"].as_str() != Some(restored_beat.as_str())).then_some(())
+        },
+    );
+    assert_eq!(agent.status()["device_id"], device_id);
 }
 
 /// With the S3 bundle store (only when `KERNEX_TEST_S3` is set): the backup of a running server
@@ -386,16 +382,7 @@ fn s3_backup_records_the_bucket_and_restores_against_it() {
     // The agent carries on with its device token: new heartbeats, the same device, no enrollment.
     let (status, device) = api.get(&format!("/devices/{device_id}"));
     assert_eq!(status, 200, "{device}");
-    let restored_beat = device["last_heartbeat"].as_str().unwrap().to_owned();
-    wait_for(
-        "the agent to heartbeat the restored server",
-        Duration::from_secs(30),
-        || {
-            let (_, device) = api.get(&format!("/devices/{device_id}"));
-            (device["last_heartbeat"].as_str() != Some(restored_beat.as_str())).then_some(())
-        },
-    );
-    assert_eq!(agent.status()["device_id"], device_id.as_str());
+    agent_carries_on(&api, &agent, &device_id, &device);
     assert_eq!(api.devices().len(), 1);
 
     // And a deployment of the bundle reaches it: a 307 to the bucket, verified and installed.

@@ -137,9 +137,9 @@ impl BundleStore {
 }
 
 /// Runs `sql` through psql at `url`; panics with psql's error when it fails.
-pub fn psql(url: &str, sql: &str) {
+pub fn psql(url: &str, sql: &str) -> String {
     let out = Command::new("psql")
-        .args([url, "-v", "ON_ERROR_STOP=1", "-qc", sql])
+        .args([url, "-v", "ON_ERROR_STOP=1", "-tAqc", sql])
         .output()
         .expect("running psql");
     assert!(
@@ -147,6 +147,7 @@ pub fn psql(url: &str, sql: &str) {
         "psql {sql}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 /// A running `kernex-server serve` and the admin commands against its storage.

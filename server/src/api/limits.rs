@@ -131,6 +131,14 @@ impl Default for LimitSettings {
     }
 }
 
+/// Whether [`KeyedLimiter::step`] counts the event.
+#[derive(Debug, Clone, Copy)]
+enum Count {
+    IfAllowed,
+    Always,
+    Never,
+}
+
 /// One GCRA limiter over many keys, sharded so concurrent requests rarely share a lock.
 #[derive(Debug)]
 pub struct KeyedLimiter {
@@ -167,41 +175,42 @@ impl KeyedLimiter {
     }
 
     fn check_at(&self, key: impl Hash, now: u64) -> Result<(), Duration> {
-        let hash = self.hasher.hash_one(key);
-        let mut shard = self.shards[hash as usize % SHARDS]
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let arrival = shard.get(&hash).copied().unwrap_or(now).max(now);
-        if arrival - now > self.tolerance {
-            return Err(Duration::from_nanos(arrival - now - self.tolerance));
-        }
-        shard.insert(hash, arrival + self.interval);
-        Ok(())
+        self.step(key, now, Count::IfAllowed)
     }
 
     /// Counts one event for `key` even over the limit, pushing its next allowed time further out:
     /// for failures found only after the fact, so that many tried at once are all paid for.
     pub fn charge(&self, key: impl Hash) {
-        let now = self.now();
+        let _ = self.step(key, self.now(), Count::Always);
+    }
+
+    /// Whether `key` is over the limit now (how long it must wait), without counting anything.
+    pub fn exhausted(&self, key: impl Hash) -> Option<Duration> {
+        self.step(key, self.now(), Count::Never).err()
+    }
+
+    /// The one GCRA step: `Err(wait)` when `key` is over the limit at `now`; the event is counted
+    /// as `count` says.
+    fn step(&self, key: impl Hash, now: u64, count: Count) -> Result<(), Duration> {
         let hash = self.hasher.hash_one(key);
         let mut shard = self.shards[hash as usize % SHARDS]
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let arrival = shard.get(&hash).copied().unwrap_or(now).max(now);
-        shard.insert(hash, arrival + self.interval);
-    }
-
-    /// Whether `key` is over the limit now, without counting anything.
-    pub fn exhausted(&self, key: impl Hash) -> Option<Duration> {
-        let now = self.now();
-        let hash = self.hasher.hash_one(key);
-        let shard = self.shards[hash as usize % SHARDS]
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let arrival = shard.get(&hash).copied().unwrap_or(now).max(now);
-        // What `check` would refuse.
-        (arrival - now > self.tolerance)
-            .then(|| Duration::from_nanos(arrival - now - self.tolerance))
+        let over = arrival - now > self.tolerance;
+        let counted = match count {
+            Count::IfAllowed => !over,
+            Count::Always => true,
+            Count::Never => false,
+        };
+        if counted {
+            shard.insert(hash, arrival + self.interval);
+        }
+        if over {
+            Err(Duration::from_nanos(arrival - now - self.tolerance))
+        } else {
+            Ok(())
+        }
     }
 
     /// Forgets keys whose next arrival time has passed (they are as good as new); returns how many

@@ -156,8 +156,7 @@ async fn stylesheet() -> Response {
         .into_response()
 }
 
-async fn not_found(session: Option<ConsoleSession>) -> PageError {
-    let _ = session;
+async fn not_found() -> PageError {
     PageError::from(ApiError::not_found(
         "not_found",
         "there is no such page in the console",
@@ -273,24 +272,6 @@ impl FromRequestParts<AppState> for ConsoleSession {
             ))
             .into_response()),
         }
-    }
-}
-
-impl axum::extract::OptionalFromRequestParts<AppState> for ConsoleSession {
-    type Rejection = std::convert::Infallible;
-
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<Option<Self>, Self::Rejection> {
-        let Some(cookie) = cookie_value(&parts.headers, COOKIE) else {
-            return Ok(None);
-        };
-        Ok(users::session(&state.db, cookie)
-            .await
-            .ok()
-            .flatten()
-            .map(|session| ConsoleSession { session }))
     }
 }
 

@@ -555,10 +555,23 @@ async fn deployment_page(
         })
         .collect();
     deployment["progress"] = json!(progress);
-    let bundles = call(bundles::list(State(state.clone()), s.principal().clone()).await)
-        .await
-        .map_err(|e| s.fail(e))?;
-    deployment["bundle_label"] = bundle_label(&bundles, &deployment["bundle"]);
+    // Only this deployment's bundle; a retired one (404) is named by its id.
+    let bundle_id = deployment["bundle"].as_str().unwrap_or_default().to_owned();
+    let bundle = match call(
+        bundles::get(
+            State(state.clone()),
+            s.principal().clone(),
+            ApiPath(bundle_id),
+        )
+        .await,
+    )
+    .await
+    {
+        Ok(bundle) => bundle,
+        Err(ApiError::NotFound { .. }) => Value::Null,
+        Err(e) => return Err(s.fail(e)),
+    };
+    deployment["bundle_label"] = bundle_label(&json!([bundle]), &deployment["bundle"]);
     let state_name = deployment["state"].as_str().unwrap_or_default().to_owned();
     Ok(page(
         "deployment.html",
