@@ -241,10 +241,11 @@ async fn fleet(db: &Db, offline_after: u32) -> Result<Fleet, sqlx::Error> {
     let now = now_ms();
     let devices_sql = "SELECT t.name, CASE
             WHEN d.deregistered_at IS NOT NULL THEN 'deregistered'
-            WHEN d.last_heartbeat IS NULL OR d.interval_s IS NULL THEN 'pending'
-            WHEN $1 > d.last_heartbeat + (CASE WHEN d.interval_s < 1 THEN 1 ELSE d.interval_s END) * 1000 * $2 THEN 'offline'
+            WHEN h.last_heartbeat IS NULL OR h.interval_s IS NULL THEN 'pending'
+            WHEN $1 > h.last_heartbeat + (CASE WHEN h.interval_s < 1 THEN 1 ELSE h.interval_s END) * 1000 * $2 THEN 'offline'
             ELSE 'online' END AS status, COUNT(*)
-        FROM devices d JOIN tenants t ON t.id = d.tenant_id GROUP BY 1, 2 ORDER BY 1, 2";
+        FROM devices d JOIN tenants t ON t.id = d.tenant_id
+        LEFT JOIN device_heartbeats h ON h.device_id = d.id GROUP BY 1, 2 ORDER BY 1, 2";
     let deployments_sql = "SELECT t.name, d.state, COUNT(*) FROM deployments d
         JOIN tenants t ON t.id = d.tenant_id GROUP BY 1, 2 ORDER BY 1, 2";
     let deployment_devices_sql = "SELECT t.name, dd.state, COUNT(*) FROM deployment_devices dd

@@ -54,7 +54,17 @@ pub async fn preauthorize(
                     .bind(format!("preauthorized:{id}"))
                     .bind(format!("preauthorized:{id}"));
             }
-            query.bind(now).execute(pool).await.map(|r| r.rows_affected())
+            let mut tx = pool.begin().await?;
+            query.bind(now).execute(&mut *tx).await?;
+            // Their rows in `device_heartbeats` (see `db::devices::INSERT_HEARTBEAT_ROW`).
+            let rows = (1..=chunk.len()).map(|p| format!("(${p})")).collect::<Vec<_>>().join(",");
+            let sql = format!("INSERT INTO device_heartbeats (device_id) VALUES {rows}");
+            let mut heartbeats = sqlx::query(&sql);
+            for id in chunk {
+                heartbeats = heartbeats.bind(id.clone());
+            }
+            heartbeats.execute(&mut *tx).await?;
+            tx.commit().await
         })
         .context("inserting pre-authorized devices")?;
     }

@@ -162,7 +162,13 @@ pub async fn enroll(
                     .execute(&mut *tx)
                     .await;
                 match inserted {
-                    Ok(_) => Enrolled::Created { id },
+                    Ok(_) => {
+                        sqlx::query(crate::db::devices::INSERT_HEARTBEAT_ROW)
+                            .bind(&id)
+                            .execute(&mut *tx)
+                            .await?;
+                        Enrolled::Created { id }
+                    }
                     Err(e) if crate::db::is_unique_violation(&e) => {
                         return Err(ApiError::conflict("enrollment_conflict", "a concurrent enrollment of this device won; retry"))
                     }

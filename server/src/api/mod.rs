@@ -194,7 +194,9 @@ pub fn app(state: AppState) -> Router {
             state.clone(),
             limits::limit_requests,
         ))
-        .layer(cors(&state.settings.cors_origins))
+        .layer(tower::util::option_layer(cors(
+            &state.settings.cors_origins,
+        )))
         // Outermost, and after routing: sees every request with its route template (refusals by
         // the limits included).
         .layer(axum::middleware::from_fn_with_state(
@@ -204,19 +206,21 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// CORS for the configured origins only; with none, no CORS headers (browsers then refuse
-/// cross-origin calls), which is what the built-in console on the same origin needs.
-fn cors(origins: &[axum::http::HeaderValue]) -> tower_http::cors::CorsLayer {
+/// CORS for the configured origins only. With none, no layer at all: no CORS headers (browsers
+/// then refuse cross-origin calls, which is what the built-in console on the same origin needs),
+/// and no cost (an unconfigured CORS layer still clones its settings and writes `Vary` into
+/// every response).
+fn cors(origins: &[axum::http::HeaderValue]) -> Option<tower_http::cors::CorsLayer> {
     use axum::http::{header, Method};
-    let layer = tower_http::cors::CorsLayer::new();
     if origins.is_empty() {
-        return layer;
+        return None;
     }
-    layer
+    let layer = tower_http::cors::CorsLayer::new()
         .allow_origin(origins.to_vec())
         .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
         .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
-        .max_age(Duration::from_secs(600))
+        .max_age(Duration::from_secs(600));
+    Some(layer)
 }
 
 /// Every route as `(method, template)`, for the per-route metrics (a route missing here is
@@ -270,11 +274,15 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v1/openapi.json"),
 ];
 
-/// What the code serving a request may want to know about it without being handed it (the audit
-/// trail records where a change came from).
+/// What the code serving a request may want to know about it without being handed it: the audit
+/// trail records where a change came from, and every log line names its request
+/// ([`crate::logging`]).
 #[derive(Debug, Clone)]
 pub struct RequestContext {
     pub id: std::sync::Arc<str>,
+    pub method: axum::http::Method,
+    /// The route template that matched, if one did.
+    pub route: Option<axum::extract::MatchedPath>,
     /// The client's address (see `limits::client_address`); formatted only by whoever needs it.
     pub source: Option<std::net::IpAddr>,
 }
@@ -288,12 +296,18 @@ impl RequestContext {
     pub fn current() -> Option<RequestContext> {
         REQUEST_CONTEXT.try_with(Clone::clone).ok()
     }
+
+    /// `f` of the context of the request this task serves, if it serves one.
+    pub fn with_current<R>(f: impl FnOnce(&RequestContext) -> R) -> Option<R> {
+        REQUEST_CONTEXT.try_with(f).ok()
+    }
 }
 
 /// Outermost: gives the request an id (the caller's `x-request-id` when it is sane, a fresh one
-/// otherwise), runs it inside a `request` span carrying that id (so every log line written while
+/// otherwise), serves it with a [`RequestContext`] naming it (so every log line written while
 /// handling it names it, down to the database errors), answers with the id in `x-request-id`,
-/// times it into its route's histogram, and logs refusals and failures.
+/// times it into its route's histogram, and logs refusals and failures. A `request` span is made
+/// only when traces are exported (see [`crate::logging`]).
 async fn record_request(
     axum::extract::State(state): axum::extract::State<AppState>,
     request: axum::extract::Request,
@@ -301,7 +315,6 @@ async fn record_request(
 ) -> axum::response::Response {
     use tracing::Instrument as _;
     let started = std::time::Instant::now();
-    let method = request.method().clone();
     let route = request
         .extensions()
         .get::<axum::extract::MatchedPath>()
@@ -317,26 +330,31 @@ async fn record_request(
         })
         .map(str::to_owned)
         .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()));
-    let route_name = route.as_ref().map_or("unmatched", |r| r.as_str());
-    // At error level so the span (and the id in it) exists whatever KERNEX_LOG lets through: an
-    // operator running at `warn` still finds the request of every warning and error.
-    let span = tracing::error_span!("request", id = %id, method = %method, route = route_name);
     let context = RequestContext {
         id: id.as_str().into(),
+        method: request.method().clone(),
+        route,
         source: limits::client_address(&request, state.settings.limits.forwarded_for),
     };
+    // At error level so the span exists whatever KERNEX_LOG lets through.
+    let span = if crate::logging::exporting_traces() {
+        let route = context.route.as_ref().map_or("unmatched", |r| r.as_str());
+        tracing::error_span!("request", id = %id, method = %context.method, route = route)
+    } else {
+        tracing::Span::none()
+    };
     let mut response = REQUEST_CONTEXT
-        .scope(context, next.run(request).instrument(span.clone()))
+        .scope(context.clone(), next.run(request).instrument(span.clone()))
         .await;
     let elapsed = started.elapsed();
     let status = response.status().as_u16();
     state.metrics.request(
-        method.as_str(),
-        route.as_ref().map(|r| r.as_str()),
+        context.method.as_str(),
+        context.route.as_ref().map(|r| r.as_str()),
         status,
         elapsed,
     );
-    span.in_scope(|| {
+    let log = || {
         let ms = elapsed.as_secs_f64() * 1000.0;
         match status {
             // Shedding load or waiting out the database: degraded, not broken.
@@ -345,7 +363,8 @@ async fn record_request(
             401 | 403 => tracing::info!(status, ms, "request refused"),
             _ => tracing::debug!(status, ms, "request done"),
         }
-    });
+    };
+    span.in_scope(|| REQUEST_CONTEXT.sync_scope(context, log));
     if let Ok(value) = axum::http::HeaderValue::from_str(&id) {
         response
             .headers_mut()

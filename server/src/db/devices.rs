@@ -3,9 +3,15 @@
 use super::{now_ms, rfc3339, with_pool, Db};
 use serde::Serialize;
 
-const DEVICE_COLUMNS: &str =
-    "id, tenant_id, hardware_id, key_fingerprint, public_key, facts, enrolled_at, \
-     deregistered_at, last_heartbeat, interval_s, agent_version, telemetry, labels";
+/// Every device has its row in `device_heartbeats`, written with the device (empty until it beats).
+pub const INSERT_HEARTBEAT_ROW: &str = "INSERT INTO device_heartbeats (device_id) VALUES ($1)";
+
+/// A device with its latest heartbeat (kept apart, in `device_heartbeats`: see migration 0007).
+/// Queries name the device `d`.
+const SELECT_DEVICES: &str =
+    "SELECT d.id, d.tenant_id, d.hardware_id, d.key_fingerprint, d.public_key, d.facts, d.enrolled_at, \
+     d.deregistered_at, h.last_heartbeat, h.interval_s, h.agent_version, h.telemetry, d.labels \
+     FROM devices d LEFT JOIN device_heartbeats h ON h.device_id = d.id";
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Device {
@@ -112,14 +118,14 @@ impl Device {
 /// The device with `id`, of any tenant (device-protocol paths, where the caller proved the id).
 #[tracing::instrument(name = "db.devices.by_id", level = "info", skip_all)]
 pub async fn by_id(db: &Db, id: &str) -> Result<Option<Device>, sqlx::Error> {
-    let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE id = $1");
+    let sql = format!("{SELECT_DEVICES} WHERE d.id = $1");
     with_pool!(db, pool => sqlx::query_as::<_, Device>(&sql).bind(id).fetch_optional(pool).await)
 }
 
 /// The device with `id` if it belongs to `tenant_id` (REST paths).
 #[tracing::instrument(name = "db.devices.in_tenant", level = "info", skip_all)]
 pub async fn in_tenant(db: &Db, tenant_id: &str, id: &str) -> Result<Option<Device>, sqlx::Error> {
-    let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE tenant_id = $1 AND id = $2");
+    let sql = format!("{SELECT_DEVICES} WHERE d.tenant_id = $1 AND d.id = $2");
     with_pool!(db, pool => sqlx::query_as::<_, Device>(&sql).bind(tenant_id).bind(id).fetch_optional(pool).await)
 }
 
@@ -128,17 +134,13 @@ pub async fn by_fingerprint(
     tenant_id: &str,
     fingerprint: &str,
 ) -> Result<Option<Device>, sqlx::Error> {
-    let sql = format!(
-        "SELECT {DEVICE_COLUMNS} FROM devices WHERE tenant_id = $1 AND key_fingerprint = $2"
-    );
+    let sql = format!("{SELECT_DEVICES} WHERE d.tenant_id = $1 AND d.key_fingerprint = $2");
     with_pool!(db, pool => sqlx::query_as::<_, Device>(&sql).bind(tenant_id).bind(fingerprint).fetch_optional(pool).await)
 }
 
 #[tracing::instrument(name = "db.devices.list", level = "info", skip_all)]
 pub async fn list(db: &Db, tenant_id: &str) -> Result<Vec<Device>, sqlx::Error> {
-    let sql = format!(
-        "SELECT {DEVICE_COLUMNS} FROM devices WHERE tenant_id = $1 ORDER BY enrolled_at, id"
-    );
+    let sql = format!("{SELECT_DEVICES} WHERE d.tenant_id = $1 ORDER BY d.enrolled_at, d.id");
     with_pool!(db, pool => sqlx::query_as::<_, Device>(&sql).bind(tenant_id).fetch_all(pool).await)
 }
 

@@ -252,6 +252,91 @@ mod tests {
         );
     }
 
+    /// Migration 0007 moves each device's liveness to `device_heartbeats` without losing any, and
+    /// the devices read back as before.
+    #[tokio::test]
+    async fn heartbeats_move_to_their_own_table_with_their_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = open_sqlite(SqliteConnectOptions::new().filename(dir.path().join(SQLITE_FILE)))
+            .await
+            .unwrap();
+        let all = migrator(false);
+        let mut before = migrator(false);
+        before.migrations = all
+            .iter()
+            .filter(|m| m.version < 7)
+            .cloned()
+            .collect::<Vec<_>>()
+            .into();
+        before.run(&pool).await.unwrap();
+        sqlx::raw_sql(
+            "INSERT INTO tenants (id, name, created_at) VALUES ('t', 'acme', 1);
+             INSERT INTO devices (id, tenant_id, hardware_id, key_fingerprint, public_key, enrolled_at,
+                 last_heartbeat, interval_s, agent_version, telemetry, offline_since)
+             VALUES ('beating', 't', 'hw1', 'fp1', 'pem', 1, 5000, 60, '0.1.0', '{\"load1\":0.5}', NULL),
+                    ('gone', 't', 'hw2', 'fp2', 'pem', 1, 4000, 30, '0.0.9', '{}', 4500),
+                    ('new', 't', 'hw3', 'fp3', 'pem', 1, NULL, NULL, NULL, NULL, NULL);
+             UPDATE devices SET deregistered_at = 6000 WHERE id = 'gone';",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        all.run(&pool).await.unwrap();
+        // id, last heartbeat, interval, agent version, telemetry, offline since
+        type Row = (
+            String,
+            Option<i64>,
+            Option<i64>,
+            Option<String>,
+            Option<String>,
+            Option<i64>,
+        );
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT device_id, last_heartbeat, interval_s, agent_version, telemetry, offline_since
+                 FROM device_heartbeats ORDER BY device_id",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            rows,
+            [
+                (
+                    "beating".into(),
+                    Some(5000),
+                    Some(60),
+                    Some("0.1.0".into()),
+                    Some(r#"{"load1":0.5}"#.into()),
+                    None
+                ),
+                (
+                    "gone".into(),
+                    Some(4000),
+                    Some(30),
+                    Some("0.0.9".into()),
+                    Some("{}".into()),
+                    Some(4500)
+                ),
+                ("new".into(), None, None, None, None, None),
+            ]
+        );
+        let db = Db::Sqlite(pool);
+        let device = devices::by_id(&db, "beating").await.unwrap().unwrap();
+        assert_eq!(
+            (
+                device.last_heartbeat,
+                device.interval_s,
+                device.agent_version.as_deref()
+            ),
+            (Some(5000), Some(60), Some("0.1.0"))
+        );
+        let gone = devices::by_id(&db, "gone").await.unwrap().unwrap();
+        assert_eq!(gone.status(10_000, 3), devices::DeviceStatus::Deregistered);
+        // The columns left `devices`: nothing can write a heartbeat there by mistake.
+        with_pool!(&db, pool => sqlx::query("SELECT telemetry FROM devices").execute(pool).await.map(|_| ()))
+            .unwrap_err();
+    }
+
     #[tokio::test]
     async fn readiness_needs_every_migration() {
         let dir = tempfile::tempdir().unwrap();

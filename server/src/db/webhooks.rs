@@ -289,9 +289,11 @@ pub async fn record_attempt(
 /// replicas sweeping, each is announced once. Returns (offline, online) counts.
 #[tracing::instrument(name = "db.webhooks.sweep_devices", level = "info", skip_all)]
 pub async fn sweep_devices(db: &Db, offline_after: u32) -> Result<(usize, usize), sqlx::Error> {
-    const WENT_OFFLINE: &str = "offline_since IS NULL AND deregistered_at IS NULL
+    // On `device_heartbeats`; a deregistered device (few: a partial index) is never announced.
+    const WENT_OFFLINE: &str = "offline_since IS NULL
         AND last_heartbeat IS NOT NULL AND interval_s IS NOT NULL
-        AND $1 > last_heartbeat + (CASE WHEN interval_s < 1 THEN 1 ELSE interval_s END) * 1000 * $2";
+        AND $1 > last_heartbeat + (CASE WHEN interval_s < 1 THEN 1 ELSE interval_s END) * 1000 * $2
+        AND NOT EXISTS (SELECT 1 FROM devices d WHERE d.id = device_id AND d.deregistered_at IS NOT NULL)";
     const CAME_BACK: &str = "offline_since IS NOT NULL AND last_heartbeat > offline_since";
     let now = now_ms();
     with_pool!(db, pool => {
@@ -299,8 +301,8 @@ pub async fn sweep_devices(db: &Db, offline_after: u32) -> Result<(usize, usize)
         // write transaction scanning the devices would hold up the heartbeat writer meanwhile
         // (a read does not, under WAL).
         let due: bool = sqlx::query_scalar(&format!(
-            "SELECT EXISTS (SELECT 1 FROM devices WHERE {WENT_OFFLINE})
-                 OR EXISTS (SELECT 1 FROM devices WHERE {CAME_BACK})"))
+            "SELECT EXISTS (SELECT 1 FROM device_heartbeats WHERE {WENT_OFFLINE})
+                 OR EXISTS (SELECT 1 FROM device_heartbeats WHERE {CAME_BACK})"))
             .bind(now)
             .bind(i64::from(offline_after))
             .fetch_one(pool)
@@ -312,21 +314,26 @@ pub async fn sweep_devices(db: &Db, offline_after: u32) -> Result<(usize, usize)
         let mut counts = [0; 2];
         let transitions = [
             ("device.offline",
-             format!("UPDATE devices SET offline_since = $1 WHERE {WENT_OFFLINE}
-              RETURNING id, tenant_id, hardware_id, last_heartbeat")),
+             format!("UPDATE device_heartbeats SET offline_since = $1 WHERE {WENT_OFFLINE}
+              RETURNING device_id, last_heartbeat")),
             ("device.online",
-             format!("UPDATE devices SET offline_since = NULL WHERE {CAME_BACK}
-              RETURNING id, tenant_id, hardware_id, last_heartbeat")),
+             format!("UPDATE device_heartbeats SET offline_since = NULL WHERE {CAME_BACK}
+              RETURNING device_id, last_heartbeat")),
         ];
         for (count, (kind, sql)) in counts.iter_mut().zip(transitions) {
-            let mut query = sqlx::query_as::<_, (String, String, String, i64)>(&sql);
+            let mut query = sqlx::query_as::<_, (String, i64)>(&sql);
             if kind == "device.offline" {
                 query = query.bind(now).bind(i64::from(offline_after));
             }
             let changed = query.fetch_all(&mut *tx).await?;
-            for (id, tenant, hardware_id, last) in &changed {
+            for (id, last) in &changed {
+                let (tenant, hardware_id): (String, String) =
+                    sqlx::query_as("SELECT tenant_id, hardware_id FROM devices WHERE id = $1")
+                        .bind(id)
+                        .fetch_one(&mut *tx)
+                        .await?;
                 let data = serde_json::json!({"device_id": id, "hardware_id": hardware_id, "last_heartbeat": rfc3339(*last)});
-                enqueue_event!(&mut *tx, tenant, kind, data, now)?;
+                enqueue_event!(&mut *tx, &tenant, kind, data, now)?;
             }
             *count = changed.len();
         }

@@ -17,10 +17,14 @@ use tokio::sync::Mutex;
 /// Concurrent writers: enough to overlap one batch's commit with the next one's statements.
 const WRITERS: u32 = 4;
 
-const STORE: &str = "UPDATE devices SET last_heartbeat = $1, interval_s = v.interval_s, agent_version = v.agent_version,
-        telemetry = v.telemetry
+/// Stores the beats of devices that are not deregistered (the partial index of deregistered
+/// devices answers that, not the devices' rows).
+const STORE: &str = "UPDATE device_heartbeats h SET last_heartbeat = $1, interval_s = v.interval_s,
+        agent_version = v.agent_version, telemetry = v.telemetry
         FROM jsonb_to_recordset($2::text::jsonb) AS v(id text, interval_s bigint, agent_version text, telemetry text)
-        WHERE devices.id = v.id AND devices.deregistered_at IS NULL RETURNING devices.id";
+        WHERE h.device_id = v.id
+          AND NOT EXISTS (SELECT 1 FROM devices d WHERE d.id = v.id AND d.deregistered_at IS NOT NULL)
+        RETURNING h.device_id";
 const EXISTING: &str =
     "SELECT id FROM devices WHERE id IN (SELECT jsonb_array_elements_text($1::text::jsonb))";
 const OPEN_COMMANDS: &str = "SELECT device_id, id, kind, args FROM commands

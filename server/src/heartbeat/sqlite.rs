@@ -24,8 +24,12 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 /// WAL frames (pages) past which the checkpointer makes the WAL start over: 4096 × 4 KiB = 16 MiB.
 const WAL_RESTART_FRAMES: i64 = 4096;
 
-const STORE: &str = "UPDATE devices SET last_heartbeat = ?1, interval_s = ?2, agent_version = ?3,
-        telemetry = ?4 WHERE id = ?5 AND deregistered_at IS NULL";
+/// Stores a beat unless its device is deregistered, which the small partial index of deregistered
+/// devices answers without reading the device's row (`INDEXED BY` makes preparing the statement
+/// fail, rather than the beat go slow, should the index ever stop serving).
+const STORE: &str = "UPDATE device_heartbeats SET last_heartbeat = ?1, interval_s = ?2, agent_version = ?3,
+        telemetry = ?4 WHERE device_id = ?5 AND NOT EXISTS (SELECT 1 FROM devices INDEXED BY devices_deregistered
+        WHERE id = ?5 AND deregistered_at IS NOT NULL)";
 const EXISTS: &str = "SELECT 1 FROM devices WHERE id = ?1";
 const OPEN_COMMANDS: &str = "SELECT id, kind, args FROM commands
         WHERE device_id = ?1 AND state IN ('queued', 'delivered') ORDER BY created_at, id";
@@ -39,8 +43,8 @@ pub(super) fn start(
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<()> {
     let writer = open(path, "-65536")?;
-    // The page cache holds the devices table (64 MiB at most, grown only as pages are touched) so
-    // a beat of any of 100k devices finds its page in memory.
+    // The page cache holds the heartbeat table (64 MiB at most, grown only as pages are touched)
+    // so a beat of any of 100k devices finds its page in memory.
     writer
         .pragma_update(None, "wal_autocheckpoint", 0)
         .with_context(|| format!("configuring the heartbeat writer on {}", path.display()))?;
