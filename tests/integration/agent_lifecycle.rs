@@ -271,3 +271,37 @@ fn corrupt_state_and_bad_bootstrap_fail_with_the_file_named() {
         "{stderr}"
     );
 }
+
+/// A device whose `device_heartbeats` row went missing (a bug elsewhere, a hand-edited database)
+/// is not taken for deregistered: its next beat creates the row and it stays online. On
+/// PostgreSQL, where psql can remove the row; the SQLite writer's same path is covered by
+/// `heartbeat::tests` in the server.
+#[test]
+fn a_device_without_its_heartbeat_row_carries_on() {
+    let server = Server::start();
+    let kernex_tests::Storage::Postgres { url, .. } = &server.storage else {
+        return;
+    };
+    let api = server.tenant("acme");
+    let token = server.token("acme", &[]);
+    let mut agent = Agent::start(&server.url, "acme", &token);
+    let device = api.wait_device("the device to come online", |d| d["status"] == "online");
+    let id = device["id"].as_str().unwrap();
+    kernex_tests::psql(
+        url,
+        &format!("DELETE FROM device_heartbeats WHERE device_id = '{id}'"),
+    );
+    let device = api.wait_device("a heartbeat stored again", |d| {
+        heartbeat_of(d).is_some() && d["status"] == "online"
+    });
+    assert_eq!(device["id"], id);
+    assert_eq!(
+        kernex_tests::psql(
+            url,
+            &format!("SELECT count(*) FROM device_heartbeats WHERE device_id = '{id}'")
+        ),
+        "1"
+    );
+    assert!(agent.status()["last_error"].is_null(), "{}", agent.status());
+    agent.kill();
+}

@@ -155,6 +155,12 @@ fn ack_state(outcome: CommandOutcome) -> &'static str {
 const ACK_SQL: &str = "UPDATE commands SET state = $1, output = $2, completed_at = $3
      WHERE id = $4 AND device_id = $5 AND state IN ('queued', 'delivered') RETURNING kind";
 
+/// Creates the heartbeat row of a device that lacks one. Every insert of a device writes its row
+/// (`db::devices::INSERT_HEARTBEAT_ROW`); should one ever be missed, the device's beats create it
+/// instead of the device being taken for deregistered. The same text on both backends.
+const HEARTBEAT_ROW_SQL: &str =
+    "INSERT INTO device_heartbeats (device_id) VALUES ($1) ON CONFLICT (device_id) DO NOTHING";
+
 /// Marks a device deregistered once it acknowledged the `deregister` command.
 const DEREGISTER_SQL: &str =
     "UPDATE devices SET deregistered_at = $1 WHERE id = $2 AND deregistered_at IS NULL";
@@ -313,5 +319,15 @@ mod tests {
             BeatOutcome::Deregistered
         );
         assert!(commands_of(writer.submit(beat(b, vec![])).await.unwrap()).is_empty());
+
+        // A device whose heartbeat row went missing gets it back with its next beat, instead of
+        // being taken for deregistered.
+        crate::db::with_pool!(&db, pool => sqlx::query("DELETE FROM device_heartbeats WHERE device_id = $1")
+            .bind(b).execute(pool).await.map(|_| ()))
+        .unwrap();
+        assert!(commands_of(writer.submit(beat(b, vec![])).await.unwrap()).is_empty());
+        let healed = devices::by_id(&db, b).await.unwrap().unwrap();
+        assert!(healed.last_heartbeat.is_some());
+        assert_eq!(healed.telemetry.as_deref(), Some(r#"{"load1":0.5}"#));
     }
 }

@@ -4,7 +4,7 @@
 //! beats are answered 503 (agents retry).
 
 use super::{answer, latest_per_device, record, Beat, Committed, Queue, Reply, WriterConfig};
-use super::{ACK_SQL, DEREGISTER_SQL};
+use super::{ACK_SQL, DEREGISTER_SQL, HEARTBEAT_ROW_SQL};
 use crate::db::now_ms;
 use crate::metrics::Metrics;
 use kernex_protocol::wire::{DeviceCommand, MAX_COMMAND_OUTPUT};
@@ -25,8 +25,9 @@ const STORE: &str = "UPDATE device_heartbeats h SET last_heartbeat = $1, interva
         WHERE h.device_id = v.id
           AND NOT EXISTS (SELECT 1 FROM devices d WHERE d.id = v.id AND d.deregistered_at IS NOT NULL)
         RETURNING h.device_id";
-const EXISTING: &str =
-    "SELECT id FROM devices WHERE id IN (SELECT jsonb_array_elements_text($1::text::jsonb))";
+/// For the beats that stored nothing: their devices, and whether each is deregistered.
+const EXISTING: &str = "SELECT id, deregistered_at IS NOT NULL FROM devices
+        WHERE id IN (SELECT jsonb_array_elements_text($1::text::jsonb))";
 const OPEN_COMMANDS: &str = "SELECT device_id, id, kind, args FROM commands
         WHERE device_id IN (SELECT jsonb_array_elements_text($1::text::jsonb)) AND state IN ('queued', 'delivered')
         ORDER BY created_at, id";
@@ -117,12 +118,38 @@ async fn write_batch(
         .filter(|id| !committed.stored.contains(*id))
         .collect();
     if !missing.is_empty() {
-        committed.not_stored_but_known.extend(
-            sqlx::query_scalar::<_, String>(EXISTING)
-                .bind(json_array(&missing))
-                .fetch_all(&mut *tx)
-                .await?,
-        );
+        let known = sqlx::query_as::<_, (String, bool)>(EXISTING)
+            .bind(json_array(&missing))
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut rowless: Vec<String> = Vec::new();
+        for (id, deregistered) in known {
+            if deregistered {
+                committed.not_stored_but_known.insert(id);
+            } else {
+                rowless.push(id);
+            }
+        }
+        if !rowless.is_empty() {
+            tracing::warn!(devices = ?rowless, "devices had no heartbeat row; created");
+            for id in &rowless {
+                sqlx::query(HEARTBEAT_ROW_SQL)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let retry: Vec<&StoredBeat<'_>> = rows
+                .iter()
+                .filter(|r| rowless.iter().any(|id| id == r.id))
+                .collect();
+            committed.stored.extend(
+                sqlx::query_scalar::<_, String>(STORE)
+                    .bind(now)
+                    .bind(json_array(&retry))
+                    .fetch_all(&mut *tx)
+                    .await?,
+            );
+        }
     }
     for beat in beats
         .iter()

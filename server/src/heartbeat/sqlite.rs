@@ -8,7 +8,7 @@
 //!   writer), so copying WAL pages into the database file and its fsync never sit inside a commit.
 
 use super::{answer, latest_per_device, record, Beat, Committed, Queue, Reply, WriterConfig};
-use super::{ACK_SQL, DEREGISTER_SQL};
+use super::{ACK_SQL, DEREGISTER_SQL, HEARTBEAT_ROW_SQL};
 use crate::db::now_ms;
 use crate::metrics::Metrics;
 use anyhow::Context as _;
@@ -30,7 +30,8 @@ const WAL_RESTART_FRAMES: i64 = 4096;
 const STORE: &str = "UPDATE device_heartbeats SET last_heartbeat = ?1, interval_s = ?2, agent_version = ?3,
         telemetry = ?4 WHERE device_id = ?5 AND NOT EXISTS (SELECT 1 FROM devices INDEXED BY devices_deregistered
         WHERE id = ?5 AND deregistered_at IS NOT NULL)";
-const EXISTS: &str = "SELECT 1 FROM devices WHERE id = ?1";
+/// For a beat that stored nothing: whether its device is deregistered (None: no such device).
+const DEREGISTERED: &str = "SELECT deregistered_at IS NOT NULL FROM devices WHERE id = ?1";
 const OPEN_COMMANDS: &str = "SELECT id, kind, args FROM commands
         WHERE device_id = ?1 AND state IN ('queued', 'delivered') ORDER BY created_at, id";
 const MARK_DELIVERED: &str = "UPDATE commands SET state = 'delivered',
@@ -149,21 +150,38 @@ fn write_batch(
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     {
         let mut store = tx.prepare_cached(STORE)?;
-        let mut exists = tx.prepare_cached(EXISTS)?;
+        let mut deregistered = tx.prepare_cached(DEREGISTERED)?;
         for beat in &beats {
-            let changed = store.execute(params![
-                now,
-                beat.interval_s,
-                beat.agent_version,
-                beat.telemetry_json,
-                beat.device_id
-            ])?;
+            let mut store_beat = || {
+                store.execute(params![
+                    now,
+                    beat.interval_s,
+                    beat.agent_version,
+                    beat.telemetry_json,
+                    beat.device_id
+                ])
+            };
+            let mut changed = store_beat()?;
+            if changed == 0 {
+                let state: Option<bool> = deregistered
+                    .query_row([&beat.device_id], |row| row.get(0))
+                    .optional()?;
+                match state {
+                    Some(true) => {
+                        committed
+                            .not_stored_but_known
+                            .insert(beat.device_id.clone());
+                    }
+                    Some(false) => {
+                        tracing::warn!(device = %beat.device_id, "device had no heartbeat row; created");
+                        tx.execute(HEARTBEAT_ROW_SQL, [&beat.device_id])?;
+                        changed = store_beat()?;
+                    }
+                    None => {}
+                }
+            }
             if changed == 1 {
                 committed.stored.insert(beat.device_id.clone());
-            } else if exists.exists([&beat.device_id])? {
-                committed
-                    .not_stored_but_known
-                    .insert(beat.device_id.clone());
             }
         }
         let mut ack = tx.prepare_cached(ACK_SQL)?;
