@@ -416,7 +416,9 @@ async fn connect_postgres(url: &str) -> anyhow::Result<sqlx::PgPool> {
 
 /// Runs `pg_dump` or `pg_restore` (from PATH) against `url`; the password goes through
 /// `PGPASSWORD`, not the command line, where `ps` would show it.
-async fn run_pg_tool(tool: &str, url: &str, args: &[&str]) -> anyhow::Result<()> {
+/// The `--dbname` for a client tool (the URL without its password) and the password, which goes
+/// in the environment rather than on a command line others can read.
+fn pg_tool_target(url: &str) -> anyhow::Result<(url::Url, Option<String>)> {
     let mut parsed = url::Url::parse(url)
         .with_context(|| format!("parsing --database URL {}", redact_url(url)))?;
     let password = parsed.password().map(|p| {
@@ -425,10 +427,26 @@ async fn run_pg_tool(tool: &str, url: &str, args: &[&str]) -> anyhow::Result<()>
             .into_owned()
     });
     let _ = parsed.set_password(None);
+    Ok((parsed, password))
+}
+
+fn pg_tool_error(tool: &str, e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        anyhow::anyhow!(
+            "{tool} not found on PATH: install the PostgreSQL client tools (Debian: \
+             postgresql-client), the same major version as the server or newer"
+        )
+    } else {
+        anyhow::Error::from(e).context(format!("running {tool}"))
+    }
+}
+
+async fn run_pg_tool(tool: &str, url: &str, args: &[&str]) -> anyhow::Result<()> {
+    let (dbname, password) = pg_tool_target(url)?;
     let mut command = std::process::Command::new(tool);
     command
         .args(args)
-        .arg(format!("--dbname={parsed}"))
+        .arg(format!("--dbname={dbname}"))
         .stdin(std::process::Stdio::null());
     if let Some(password) = password {
         command.env("PGPASSWORD", password);
@@ -436,16 +454,8 @@ async fn run_pg_tool(tool: &str, url: &str, args: &[&str]) -> anyhow::Result<()>
     let output = tokio::task::spawn_blocking(move || command.output())
         .await
         .context("waiting for the PostgreSQL client tool")?;
-    let output = output.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            anyhow::anyhow!(
-                "{tool} not found on PATH: install the PostgreSQL client tools (Debian: \
-                 postgresql-client), the same major version as the server or newer"
-            )
-        } else {
-            anyhow::Error::from(e).context(format!("running {tool}"))
-        }
-    })?;
+    let tool = tool.to_owned();
+    let output = output.map_err(|e| pg_tool_error(&tool, e))?;
     ensure!(
         output.status.success(),
         "{tool} failed ({}): {}",
@@ -453,6 +463,78 @@ async fn run_pg_tool(tool: &str, url: &str, args: &[&str]) -> anyhow::Result<()>
         String::from_utf8_lossy(&output.stderr).trim()
     );
     Ok(())
+}
+
+/// Replaces every table of the database at `url` with the dump, in one transaction: the tables are
+/// dropped and the dump's SQL (from `pg_restore -f -`) runs through `psql --single-transaction`, so
+/// a restore that fails leaves the target as it was. `pg_restore --clean` would drop only what the
+/// dump holds, and a table of a newer schema referring to one of them (a backup taken before a
+/// migration, restored over a database after it) would stop the drop.
+async fn replace_postgres(url: &str, dump: &str, tables: &[String]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let (dbname, password) = pg_tool_target(url)?;
+    let mut drop_tables = String::new();
+    if !tables.is_empty() {
+        drop_tables = format!("DROP TABLE IF EXISTS {} CASCADE;\n", tables.join(", "));
+    }
+    let dump = dump.to_owned();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let spawn = |command: &mut Command, tool: &str| {
+            if let Some(password) = &password {
+                command.env("PGPASSWORD", password);
+            }
+            command.spawn().map_err(|e| pg_tool_error(tool, e))
+        };
+        let mut restore = spawn(
+            Command::new("pg_restore")
+                .args(["--no-owner", "--no-privileges", "--file=-", &dump])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+            "pg_restore",
+        )?;
+        let mut psql = spawn(
+            Command::new("psql")
+                .args([
+                    "--no-psqlrc",
+                    "--quiet",
+                    "--single-transaction",
+                    "--set=ON_ERROR_STOP=1",
+                ])
+                .arg(format!("--dbname={dbname}"))
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped()),
+            "psql",
+        )?;
+        let mut sql_in = psql.stdin.take().expect("psql's stdin is piped");
+        let mut sql_out = restore.stdout.take().expect("pg_restore's stdout is piped");
+        // A psql that stopped at an error closes its input: the copy fails, psql's status says why.
+        let _ = sql_in
+            .write_all(drop_tables.as_bytes())
+            .and_then(|()| std::io::copy(&mut sql_out, &mut sql_in).map(|_| ()));
+        drop(sql_in); // the end of psql's input: it commits and exits
+        let restored = restore
+            .wait_with_output()
+            .context("waiting for pg_restore")?;
+        let applied = psql.wait_with_output().context("waiting for psql")?;
+        ensure!(
+            applied.status.success(),
+            "psql failed ({}) replacing the tables, nothing was changed: {}",
+            applied.status,
+            String::from_utf8_lossy(&applied.stderr).trim()
+        );
+        ensure!(
+            restored.status.success(),
+            "pg_restore failed ({}): {}",
+            restored.status,
+            String::from_utf8_lossy(&restored.stderr).trim()
+        );
+        Ok(())
+    })
+    .await
+    .context("waiting for the PostgreSQL client tools")?
 }
 
 /// Restores the backup in `from` into `target`: checks the manifest, every file and the schema
@@ -573,17 +655,29 @@ pub async fn restore(
             let dump = dump
                 .to_str()
                 .with_context(|| format!("{} is not UTF-8", dump.display()))?;
-            let mut args = vec![
-                "--no-owner",
-                "--no-privileges",
-                "--exit-on-error",
-                "--single-transaction",
-            ];
             if force {
-                args.extend(["--clean", "--if-exists"]);
+                let all: Vec<String> = sqlx::query_scalar(
+                    "SELECT quote_ident(schemaname) || '.' || quote_ident(tablename) FROM pg_tables
+                     WHERE schemaname NOT IN ('pg_catalog', 'information_schema')",
+                )
+                .fetch_all(&pool)
+                .await
+                .with_context(|| format!("listing the tables of {}", redact_url(url)))?;
+                replace_postgres(url, dump, &all).await?;
+            } else {
+                run_pg_tool(
+                    "pg_restore",
+                    url,
+                    &[
+                        "--no-owner",
+                        "--no-privileges",
+                        "--exit-on-error",
+                        "--single-transaction",
+                        dump,
+                    ],
+                )
+                .await?;
             }
-            args.push(dump);
-            run_pg_tool("pg_restore", url, &args).await?;
             let restored: Option<i64> =
                 sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success")
                     .fetch_one(&pool)

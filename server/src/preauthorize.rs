@@ -45,7 +45,7 @@ pub async fn preauthorize(
                 chunk.len() * 4 + 1
             ));
         }
-        with_pool!(db, pool => {
+        with_pool!(db, pool => async {
             let mut query = sqlx::query(&sql);
             for id in chunk {
                 query = query
@@ -65,7 +65,7 @@ pub async fn preauthorize(
             }
             heartbeats.execute(&mut *tx).await?;
             tx.commit().await
-        })
+        }.await)
         .context("inserting pre-authorized devices")?;
     }
     let mut file = create_private(out)?;
