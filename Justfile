@@ -181,3 +181,8 @@ bench-bundles *ARGS:
 bench-heartbeat *ARGS:
     cargo build --release -p kernex-server -p kernex-bench
     scripts/bench-heartbeat.sh {{ARGS}}
+
+# Where a heartbeat's CPU goes, per server thread and per heartbeat (e.g. `--devices 100000`).
+profile-heartbeat *ARGS:
+    cargo build --release -p kernex-server
+    scripts/profile-heartbeat.sh {{ARGS}}
