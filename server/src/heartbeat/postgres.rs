@@ -85,6 +85,19 @@ fn json_array<T: serde::Serialize>(items: &[T]) -> String {
     serde_json::to_string(items).expect("batch rows serialize")
 }
 
+/// Stores `rows` with one statement; the ids of the devices whose beat was stored.
+async fn store(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    now: i64,
+    rows: &[&StoredBeat<'_>],
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar::<_, String>(STORE)
+        .bind(now)
+        .bind(json_array(rows))
+        .fetch_all(&mut **tx)
+        .await
+}
+
 /// Commits every beat of `batch` in one transaction: one UPDATE stores every beat, one SELECT finds
 /// the open commands of every device in the batch, one UPDATE marks them delivered. Acks (rare)
 /// are per command.
@@ -105,13 +118,9 @@ async fn write_batch(
         .collect();
     let mut committed = Committed::default();
     let mut tx = pool.begin().await?;
-    committed.stored.extend(
-        sqlx::query_scalar::<_, String>(STORE)
-            .bind(now)
-            .bind(json_array(&rows))
-            .fetch_all(&mut *tx)
-            .await?,
-    );
+    committed
+        .stored
+        .extend(store(&mut tx, now, &rows.iter().collect::<Vec<_>>()).await?);
     let missing: Vec<&str> = beats
         .iter()
         .map(|b| b.device_id.as_str())
@@ -142,13 +151,7 @@ async fn write_batch(
                 .iter()
                 .filter(|r| rowless.iter().any(|id| id == r.id))
                 .collect();
-            committed.stored.extend(
-                sqlx::query_scalar::<_, String>(STORE)
-                    .bind(now)
-                    .bind(json_array(&retry))
-                    .fetch_all(&mut *tx)
-                    .await?,
-            );
+            committed.stored.extend(store(&mut tx, now, &retry).await?);
         }
     }
     for beat in beats
