@@ -61,6 +61,7 @@ pub async fn serve(db: Db, options: ServeOptions) -> anyhow::Result<()> {
         .context("starting the heartbeat writer")?;
     crate::webhooks::start(
         db.clone(),
+        heartbeats.clone(),
         crate::webhooks::WebhookSettings {
             retry_base: options.webhook_retry_base,
             every: Duration::from_secs(1),

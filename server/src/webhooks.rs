@@ -41,7 +41,7 @@ pub fn backoff(base: Duration, attempts: i64) -> Duration {
 }
 
 /// Starts the sender and the sweep.
-pub fn start(db: Db, settings: WebhookSettings) {
+pub fn start(db: Db, heartbeats: crate::heartbeat::HeartbeatWriter, settings: WebhookSettings) {
     tokio::spawn(async move {
         let client = match reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
@@ -56,7 +56,10 @@ pub fn start(db: Db, settings: WebhookSettings) {
             }
         };
         loop {
-            if let Err(e) = webhooks::sweep_devices(&db, settings.offline_after).await {
+            // Every beat answered so far counts: none is taken for missed because it is still
+            // in SQLite's heartbeat log.
+            let sweep = webhooks::sweep_devices(&db, settings.offline_after, heartbeats.fold());
+            if let Err(e) = sweep.await {
                 tracing::warn!(error = %e, "device sweep failed");
             }
             match webhooks::claim_due(&db, 32, 60_000).await {

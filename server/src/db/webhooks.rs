@@ -287,8 +287,16 @@ pub async fn record_attempt(
 /// are marked and announced (`device.offline`), devices that heartbeated since they were announced
 /// offline are announced back (`device.online`). Each transition is one row update, so with several
 /// replicas sweeping, each is announced once. Returns (offline, online) counts.
+///
+/// `catch_up` is awaited when a transition looks due, before any is made: the heartbeat fold, as a
+/// device whose latest beats are still in SQLite's heartbeat log looks past its deadline. (A
+/// device back online whose beats are not folded yet is announced after the next fold.)
 #[tracing::instrument(name = "db.webhooks.sweep_devices", level = "info", skip_all)]
-pub async fn sweep_devices(db: &Db, offline_after: u32) -> Result<(usize, usize), sqlx::Error> {
+pub async fn sweep_devices(
+    db: &Db,
+    offline_after: u32,
+    catch_up: impl std::future::Future<Output = ()>,
+) -> Result<(usize, usize), sqlx::Error> {
     // On `device_heartbeats`; a deregistered device (few: a partial index) is never announced.
     const WENT_OFFLINE: &str = "offline_since IS NULL
         AND last_heartbeat IS NOT NULL AND interval_s IS NOT NULL
@@ -310,6 +318,7 @@ pub async fn sweep_devices(db: &Db, offline_after: u32) -> Result<(usize, usize)
         if !due {
             return Ok((0, 0));
         }
+        catch_up.await;
         let mut tx = pool.begin_write().await?;
         let mut counts = [0; 2];
         let transitions = [

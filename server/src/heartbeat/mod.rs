@@ -13,6 +13,12 @@
 //!
 //! When the queue is full the handler answers `503 overloaded` with `Retry-After` at once instead
 //! of queueing without bound; agents back off and come back.
+//!
+//! On SQLite a beat is appended to `heartbeat_log` and folded into `device_heartbeats` later, in
+//! bulk (see [`sqlite`]): what a device's row says of its liveness lags its beats by up to
+//! [`FOLD_DELAY`]. [`HeartbeatWriter::fold`] folds at once, for readers that must see every beat
+//! (the offline sweep). On PostgreSQL beats go straight to `device_heartbeats` and a fold is a
+//! no-op.
 
 mod postgres;
 mod sqlite;
@@ -48,12 +54,30 @@ pub enum BeatOutcome {
 }
 
 type Reply = oneshot::Sender<Result<BeatOutcome, ApiError>>;
-type Queue = mpsc::Receiver<(Beat, Reply)>;
+type Queue = mpsc::Receiver<Job>;
+
+/// Most time a stored beat waits in SQLite's `heartbeat_log` before it is folded into
+/// `device_heartbeats` unless a reader asks for a fold: the most a device's liveness read from the
+/// database without [`HeartbeatWriter::fold`] lags. The longer, the more beats of a device one
+/// fold writes as one.
+pub const FOLD_DELAY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What the writer is asked to do.
+#[derive(Debug)]
+enum Job {
+    /// Store a beat and answer it once committed.
+    Beat(Beat, Reply),
+    /// Fold the beats stored so far into `device_heartbeats` (SQLite), then answer.
+    Fold(oneshot::Sender<()>),
+    /// Fold if the oldest beat not folded yet has waited [`FOLD_DELAY`] (sent by a timer, so an
+    /// idle writer folds too).
+    Tick,
+}
 
 /// Handle to the writer; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct HeartbeatWriter {
-    queue: mpsc::Sender<(Beat, Reply)>,
+    queue: mpsc::Sender<Job>,
 }
 
 /// Tuning of the writer.
@@ -86,6 +110,7 @@ impl HeartbeatWriter {
             Db::Sqlite(pool) => sqlite::start(
                 pool.connect_options().get_filename(),
                 receiver,
+                queue.downgrade(),
                 config,
                 metrics,
             )?,
@@ -97,15 +122,42 @@ impl HeartbeatWriter {
     /// Queues a beat and waits until it is committed.
     pub async fn submit(&self, beat: Beat) -> Result<BeatOutcome, ApiError> {
         let (reply, outcome) = oneshot::channel();
-        self.queue.try_send((beat, reply)).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => ApiError::Overloaded { retry_after_s: 2 },
-            mpsc::error::TrySendError::Closed(_) => {
-                ApiError::Internal(anyhow::anyhow!("heartbeat writer has stopped"))
-            }
-        })?;
+        self.queue
+            .try_send(Job::Beat(beat, reply))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => ApiError::Overloaded { retry_after_s: 2 },
+                mpsc::error::TrySendError::Closed(_) => {
+                    ApiError::Internal(anyhow::anyhow!("heartbeat writer has stopped"))
+                }
+            })?;
         outcome
             .await
             .map_err(|_| ApiError::Internal(anyhow::anyhow!("heartbeat writer dropped a beat")))?
+    }
+
+    /// Returns once every beat answered before the call is in `device_heartbeats`, for readers
+    /// that must see them all. Waits for room in the queue rather than failing when it is full; a
+    /// failed fold is logged by the writer (the beats stay in the log for the next one).
+    pub async fn fold(&self) {
+        let (done, folded) = oneshot::channel();
+        if self.queue.send(Job::Fold(done)).await.is_ok() {
+            let _ = folded.await;
+        }
+    }
+}
+
+/// Splits what the writer took from the queue into beats and fold requests.
+fn split_jobs(
+    jobs: impl IntoIterator<Item = Job>,
+    beats: &mut Vec<(Beat, Reply)>,
+    folds: &mut Vec<oneshot::Sender<()>>,
+) {
+    for job in jobs {
+        match job {
+            Job::Beat(beat, reply) => beats.push((beat, reply)),
+            Job::Fold(done) => folds.push(done),
+            Job::Tick => {}
+        }
     }
 }
 
@@ -260,6 +312,7 @@ mod tests {
             BeatOutcome::UnknownDevice
         );
         assert!(commands_of(writer.submit(beat(a, vec![])).await.unwrap()).is_empty());
+        writer.fold().await;
         let stored = devices::by_id(&db, a).await.unwrap().unwrap();
         assert!(stored.last_heartbeat.is_some());
         assert_eq!(stored.telemetry.as_deref(), Some(r#"{"load1":0.5}"#));
@@ -292,6 +345,7 @@ mod tests {
         for handle in burst {
             assert!(commands_of(handle.await.unwrap().unwrap()).is_empty());
         }
+        writer.fold().await;
         assert!(devices::by_id(&db, b)
             .await
             .unwrap()
@@ -326,8 +380,121 @@ mod tests {
             .bind(b).execute(pool).await.map(|_| ()))
         .unwrap();
         assert!(commands_of(writer.submit(beat(b, vec![])).await.unwrap()).is_empty());
+        writer.fold().await;
         let healed = devices::by_id(&db, b).await.unwrap().unwrap();
         assert!(healed.last_heartbeat.is_some());
         assert_eq!(healed.telemetry.as_deref(), Some(r#"{"load1":0.5}"#));
+    }
+
+    /// On SQLite beats wait in `heartbeat_log` until folded: a fold leaves each device its latest
+    /// beat and empties the log, and beats a stopped server logged and did not fold are folded
+    /// when the next writer starts.
+    #[tokio::test]
+    async fn sqlite_log_is_folded_latest_beat_last_and_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(None, dir.path()).await.unwrap();
+        let tenant = tenants::create(&db, "acme").await.unwrap();
+        let tokens = dir.path().join("tokens");
+        crate::preauthorize::preauthorize(
+            &db,
+            &tenant,
+            1,
+            std::time::Duration::from_secs(60),
+            &tokens,
+        )
+        .await
+        .unwrap();
+        let id = std::fs::read_to_string(&tokens).unwrap();
+        let id = id.split(' ').next().unwrap().to_owned();
+        let start = || {
+            HeartbeatWriter::start(&db, WriterConfig::default(), Arc::new(Metrics::new([])))
+                .unwrap()
+        };
+        let numbered = |n: u32| Beat {
+            telemetry_json: format!(r#"{{"n":{n}}}"#),
+            ..beat(&id, vec![])
+        };
+        let log_rows = || async {
+            crate::db::with_pool!(&db, pool => sqlx::query_scalar::<_, i64>("SELECT count(*) FROM heartbeat_log")
+                .fetch_one(pool).await)
+            .unwrap()
+        };
+        let telemetry = || async {
+            devices::by_id(&db, &id)
+                .await
+                .unwrap()
+                .unwrap()
+                .telemetry
+                .unwrap()
+        };
+
+        let writer = start();
+        for n in 1..=3 {
+            assert!(commands_of(writer.submit(numbered(n)).await.unwrap()).is_empty());
+        }
+        writer.fold().await;
+        assert_eq!(telemetry().await, r#"{"n":3}"#);
+        // The folded rows leave the log right after the fold is answered.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while log_rows().await > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the log was not emptied"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+
+        // As a server that stopped before folding leaves them.
+        crate::db::with_pool!(&db, pool => sqlx::query(
+            "INSERT INTO heartbeat_log (device_id, at, interval_s, agent_version, telemetry)
+             VALUES ($1, 1, 60, 'test', '{\"n\":4}'), ($1, 2, 60, 'test', '{\"n\":5}')")
+            .bind(&id).execute(pool).await.map(|_| ()))
+        .unwrap();
+        let _restarted = start();
+        assert_eq!(telemetry().await, r#"{"n":5}"#);
+        assert_eq!(log_rows().await, 0);
+    }
+
+    /// The offline sweep folds before it announces anything: a device whose latest beat is still
+    /// in the log is not taken for offline, and what the sweep acts on is the folded row.
+    #[tokio::test]
+    async fn the_sweep_folds_before_announcing_a_device_offline() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(None, dir.path()).await.unwrap();
+        let tenant = tenants::create(&db, "acme").await.unwrap();
+        let tokens = dir.path().join("tokens");
+        crate::preauthorize::preauthorize(
+            &db,
+            &tenant,
+            1,
+            std::time::Duration::from_secs(60),
+            &tokens,
+        )
+        .await
+        .unwrap();
+        let id = std::fs::read_to_string(&tokens).unwrap();
+        let id = id.split(' ').next().unwrap().to_owned();
+        let writer =
+            HeartbeatWriter::start(&db, WriterConfig::default(), Arc::new(Metrics::new([])))
+                .unwrap();
+        // As folded before this beat: silent for ten seconds, at a one-second interval.
+        let set_stale = || async {
+            crate::db::with_pool!(&db, pool => sqlx::query(
+                "UPDATE device_heartbeats SET last_heartbeat = $1, interval_s = 1 WHERE device_id = $2")
+                .bind(crate::db::now_ms() - 10_000).bind(&id).execute(pool).await.map(|_| ()))
+            .unwrap();
+        };
+        let one_second = Beat {
+            interval_s: 1,
+            ..beat(&id, vec![])
+        };
+        assert!(commands_of(writer.submit(one_second).await.unwrap()).is_empty());
+        set_stale().await;
+        let swept = crate::db::webhooks::sweep_devices(&db, 3, writer.fold()).await;
+        assert_eq!(swept.unwrap(), (0, 0));
+
+        set_stale().await;
+        let swept = crate::db::webhooks::sweep_devices(&db, 3, async {}).await;
+        assert_eq!(swept.unwrap(), (1, 0));
     }
 }

@@ -3,7 +3,8 @@
 //! size). Should two batches ever deadlock on the same device rows, PostgreSQL aborts one and its
 //! beats are answered 503 (agents retry).
 
-use super::{answer, latest_per_device, record, Beat, Committed, Queue, Reply, WriterConfig};
+use super::WriterConfig;
+use super::{answer, latest_per_device, record, split_jobs, Beat, Committed, Queue, Reply};
 use super::{ACK_SQL, DEREGISTER_SQL, HEARTBEAT_ROW_SQL};
 use crate::db::now_ms;
 use crate::metrics::Metrics;
@@ -64,13 +65,23 @@ pub(super) fn start(pool: &PgPool, receiver: Queue, config: WriterConfig, metric
 }
 
 async fn run(pool: PgPool, receiver: Arc<Mutex<Queue>>, max_batch: usize, metrics: Arc<Metrics>) {
+    let mut jobs = Vec::with_capacity(max_batch);
     let mut batch = Vec::with_capacity(max_batch);
+    let mut fold_requests = Vec::new();
     loop {
         {
             let mut receiver = receiver.lock().await;
-            if receiver.recv_many(&mut batch, max_batch).await == 0 {
+            if receiver.recv_many(&mut jobs, max_batch).await == 0 {
                 return; // every sender is gone: the server is shutting down
             }
+        }
+        split_jobs(jobs.drain(..), &mut batch, &mut fold_requests);
+        // Beats go straight to `device_heartbeats` here: there is nothing to fold.
+        for done in fold_requests.drain(..) {
+            let _ = done.send(());
+        }
+        if batch.is_empty() {
+            continue;
         }
         let started = std::time::Instant::now();
         let committed = write_batch(&pool, &batch, now_ms())

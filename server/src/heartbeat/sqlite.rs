@@ -1,35 +1,77 @@
 //! The SQLite heartbeat writer: one OS thread, one `rusqlite` connection, a batch per transaction
 //! run as plain function calls with cached prepared statements.
 //!
-//! Two choices keep its cycle short, and the cycle is what bounds throughput (beats wait for the
-//! commit they are part of):
-//! - the whole batch is one hand-off in and one wake-up per beat out; no per-statement messages;
+//! The cycle of that thread bounds throughput (beats wait for the commit they are part of), so:
+//! - a beat is appended to `heartbeat_log`, not written into its device's `device_heartbeats`
+//!   row. Devices beat in no order, so a batch of updated rows dirtied one page per beat, each
+//!   written whole to the WAL and later copied by the checkpoint; appended rows share pages (a
+//!   batch of 50 beats fills 4). A fold ([`Folder`]) writes each device's latest beat, kept in
+//!   memory, into `device_heartbeats` at least every [`FOLD_DELAY`](super::FOLD_DELAY), in device
+//!   order and in steps of [`FOLD_STEP`] devices between batches: every page it touches is written
+//!   once for all the beats it carries, and no commit a beat waits for includes it;
+//! - the whole batch is one hand-off in; the answers go out as one hand-off to a task on the
+//!   runtime, which wakes the handlers from there (waking each from this thread cost a cross-thread
+//!   wake-up per beat);
+//! - after a large batch, a small one waits [`LINGER`] for the rest of the wave of beats that the
+//!   large batch's answers set off, instead of paying a whole fsync for the first few;
 //! - checkpoints run on a second thread with its own connection (`wal_autocheckpoint` is off on the
 //!   writer), so copying WAL pages into the database file and its fsync never sit inside a commit.
 
-use super::{answer, latest_per_device, record, Beat, Committed, Queue, Reply, WriterConfig};
-use super::{ACK_SQL, DEREGISTER_SQL, HEARTBEAT_ROW_SQL};
+use super::{answer, latest_per_device, record, split_jobs, Beat, Committed, Job, Queue, Reply};
+use super::{WriterConfig, ACK_SQL, DEREGISTER_SQL, FOLD_DELAY, HEARTBEAT_ROW_SQL};
 use crate::db::now_ms;
 use crate::metrics::Metrics;
 use anyhow::Context as _;
 use kernex_protocol::wire::{CommandOutcome, DeviceCommand, MAX_COMMAND_OUTPUT};
 use rusqlite::{params, Connection, OptionalExtension as _};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
 
 /// How often the checkpointer copies committed WAL frames into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 /// WAL frames (pages) past which the checkpointer makes the WAL start over: 4096 × 4 KiB = 16 MiB.
 const WAL_RESTART_FRAMES: i64 = 4096;
+/// Devices with unfolded beats past which a fold starts without waiting for [`FOLD_DELAY`] (their
+/// beats are held in memory until folded: about 30 MiB at most).
+const FOLD_MAX_DEVICES: usize = 65_536;
+/// Beats logged past which a fold starts without waiting for [`FOLD_DELAY`]: the log's pages pass
+/// through the writer's page cache, so this bounds what they take of it (about 24 MiB).
+const FOLD_MAX_ROWS: usize = 65_536;
+/// Log rows deleted per transaction once a fold has written its beats.
+const TRIM_STEP: usize = 8_192;
+/// Devices folded per transaction: a fold is done in steps between batches of beats, so beats
+/// never wait for a whole fold (one step is a few milliseconds).
+const FOLD_STEP: usize = 2_048;
+/// How long a batch much smaller than the one before waits for more beats.
+const LINGER: Duration = Duration::from_micros(300);
 
-/// Stores a beat unless its device is deregistered, which the small partial index of deregistered
-/// devices answers without reading the device's row (`INDEXED BY` makes preparing the statement
-/// fail, rather than the beat go slow, should the index ever stop serving).
-const STORE: &str = "UPDATE device_heartbeats SET last_heartbeat = ?1, interval_s = ?2, agent_version = ?3,
-        telemetry = ?4 WHERE device_id = ?5 AND NOT EXISTS (SELECT 1 FROM devices INDEXED BY devices_deregistered
-        WHERE id = ?5 AND deregistered_at IS NOT NULL)";
+/// A committed batch and what the commit did, on its way to the task that answers its beats.
+type Answers = mpsc::UnboundedSender<(Vec<(Beat, Reply)>, Result<Committed, String>)>;
+
+/// Logs a beat of a device with a heartbeat row, unless the device is deregistered, which the small
+/// partial index of deregistered devices answers without reading the device's row (`INDEXED BY`
+/// makes preparing the statement fail, rather than the beat go slow, should the index ever stop
+/// serving).
+const STORE: &str =
+    "INSERT INTO heartbeat_log (device_id, at, interval_s, agent_version, telemetry)
+        SELECT ?5, ?1, ?2, ?3, ?4
+        WHERE EXISTS (SELECT 1 FROM device_heartbeats WHERE device_id = ?5)
+          AND NOT EXISTS (SELECT 1 FROM devices INDEXED BY devices_deregistered
+                          WHERE id = ?5 AND deregistered_at IS NOT NULL)";
+/// Folds what a stopped server logged and did not fold: each device's latest logged beat.
+const FOLD_LEFT_OVER: &str =
+    "UPDATE device_heartbeats SET last_heartbeat = l.at, interval_s = l.interval_s,
+          agent_version = l.agent_version, telemetry = l.telemetry
+        FROM (SELECT device_id, at, interval_s, agent_version, telemetry FROM heartbeat_log
+              WHERE seq IN (SELECT max(seq) FROM heartbeat_log GROUP BY device_id)) AS l
+        WHERE device_heartbeats.device_id = l.device_id";
+/// Folds one device's latest beat. An update only: a beat is logged only for a device with a row.
+const FOLD_BEAT: &str = "UPDATE device_heartbeats SET last_heartbeat = ?1, interval_s = ?2,
+        agent_version = ?3, telemetry = ?4 WHERE device_id = ?5";
 /// For a beat that stored nothing: whether its device is deregistered (None: no such device).
 const DEREGISTERED: &str = "SELECT deregistered_at IS NOT NULL FROM devices WHERE id = ?1";
 const OPEN_COMMANDS: &str = "SELECT id, kind, args FROM commands
@@ -37,24 +79,54 @@ const OPEN_COMMANDS: &str = "SELECT id, kind, args FROM commands
 const MARK_DELIVERED: &str = "UPDATE commands SET state = 'delivered',
         delivered_at = COALESCE(delivered_at, ?1), deliveries = deliveries + 1 WHERE id = ?2";
 
+/// Starts the writer, its checkpointer, the task that answers its beats and the timer that makes
+/// an idle writer fold. Beats a previous run logged and did not fold are folded first.
 pub(super) fn start(
     path: &Path,
     receiver: Queue,
+    queue: mpsc::WeakSender<Job>,
     config: WriterConfig,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<()> {
-    let writer = open(path, "-65536")?;
+    let mut writer = open(path, "-65536")?;
     // The page cache holds the heartbeat table (64 MiB at most, grown only as pages are touched)
     // so a beat of any of 100k devices finds its page in memory.
     writer
         .pragma_update(None, "wal_autocheckpoint", 0)
         .with_context(|| format!("configuring the heartbeat writer on {}", path.display()))?;
+    fold_left_over(&mut writer).with_context(|| {
+        format!(
+            "folding the heartbeat log left by the last run into {}",
+            path.display()
+        )
+    })?;
     let checkpointer = open(path, "-2000")?;
     let (stop_checkpoints, stopped) = std_mpsc::channel::<()>();
     std::thread::Builder::new()
         .name("kx-checkpoint".into())
         .spawn(move || run_checkpoints(checkpointer, stopped))
         .context("starting the SQLite checkpoint thread")?;
+    let (answers, mut answered) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some((mut batch, committed)) = answered.recv().await {
+            answer(&mut batch, committed);
+        }
+    });
+    // Holds the queue only while it ticks: once every handle is gone, the writer sees the queue
+    // closed and stops.
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(FOLD_DELAY / 4);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            every.tick().await;
+            match queue.upgrade() {
+                Some(queue) => {
+                    let _ = queue.try_send(Job::Tick);
+                }
+                None => break,
+            }
+        }
+    });
     std::thread::Builder::new()
         .name("kx-heartbeats".into())
         .spawn(move || {
@@ -62,6 +134,7 @@ pub(super) fn start(
                 writer,
                 receiver,
                 config.max_batch,
+                answers,
                 stop_checkpoints,
                 metrics,
             )
@@ -96,25 +169,248 @@ fn run(
     mut conn: Connection,
     mut receiver: Queue,
     max_batch: usize,
+    answers: Answers,
     _stop_checkpoints: std_mpsc::Sender<()>,
     metrics: Arc<Metrics>,
 ) {
+    let mut jobs = Vec::with_capacity(max_batch);
     let mut batch = Vec::with_capacity(max_batch);
-    // `blocking_recv` returns None once every sender is gone: the server is shutting down, and
-    // dropping `_stop_checkpoints` ends the checkpointer too.
-    while let Some(first) = receiver.blocking_recv() {
-        batch.push(first);
-        while batch.len() < max_batch {
+    let mut fold_requests = Vec::new();
+    let mut folder = Folder::default();
+    let mut previous_batch = 0;
+    loop {
+        // While a fold is under way or asked for, it is the work to do when no beat is waiting. The
+        // queue closes once every sender is gone: the server is shutting down, and dropping
+        // `_stop_checkpoints` ends the checkpointer too.
+        let first = if folder.round.is_some() || !folder.waiting.is_empty() {
             match receiver.try_recv() {
-                Ok(beat) => batch.push(beat),
-                Err(_) => break,
+                Ok(job) => Some(job),
+                Err(mpsc::error::TryRecvError::Empty) => None,
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+            }
+        } else {
+            match receiver.blocking_recv() {
+                Some(job) => Some(job),
+                None => break,
+            }
+        };
+        if let Some(first) = first {
+            jobs.push(first);
+            take_waiting(&mut receiver, &mut jobs, max_batch);
+            if previous_batch >= 16 && jobs.len() * 4 < previous_batch {
+                std::thread::sleep(LINGER);
+                take_waiting(&mut receiver, &mut jobs, max_batch);
+            }
+            split_jobs(jobs.drain(..), &mut batch, &mut fold_requests);
+            previous_batch = batch.len();
+        }
+        if !batch.is_empty() {
+            let started = Instant::now();
+            let now = now_ms();
+            let committed = write_batch(&mut conn, &batch, now).map_err(|e| e.to_string());
+            record(&metrics, batch.len(), started, committed.is_ok());
+            if let Ok(committed) = &committed {
+                folder.logged(&batch, committed, now, conn.last_insert_rowid());
+            }
+            let full = std::mem::replace(&mut batch, Vec::with_capacity(max_batch));
+            if let Err(mpsc::error::SendError((mut batch, committed))) =
+                answers.send((full, committed))
+            {
+                answer(&mut batch, committed); // the runtime is shutting down
             }
         }
-        let started = std::time::Instant::now();
-        let committed = write_batch(&mut conn, &batch, now_ms()).map_err(|e| e.to_string());
-        record(&metrics, batch.len(), started, committed.is_ok());
-        answer(&mut batch, committed);
+        folder.waiting.append(&mut fold_requests);
+        folder.step(&mut conn);
     }
+    while folder.round.is_some() || !folder.unfolded.is_empty() {
+        folder.waiting.clear();
+        if !folder.step_now(&mut conn) {
+            break; // failed and logged; the next start folds the log
+        }
+    }
+}
+
+/// A beat logged and not folded yet: what its device's `device_heartbeats` row is to say.
+#[derive(Debug)]
+struct Logged {
+    at: i64,
+    interval_s: u32,
+    agent_version: String,
+    telemetry: String,
+}
+
+/// The beats logged and not folded yet (each device's latest), and the fold under way.
+#[derive(Debug, Default)]
+struct Folder {
+    /// In device order, the order a fold writes them in: neighbouring devices share pages.
+    unfolded: BTreeMap<String, Logged>,
+    /// The newest log row among `unfolded`.
+    unfolded_upto: i64,
+    /// When the oldest of `unfolded` was logged.
+    oldest: Option<Instant>,
+    /// Beats logged since the last fold started.
+    logged_rows: usize,
+    /// Fold requests for the next round.
+    waiting: Vec<oneshot::Sender<()>>,
+    round: Option<Round>,
+}
+
+/// A fold under way: the beats it took, folded [`FOLD_STEP`] devices per transaction, then the log
+/// rows they came from deleted [`TRIM_STEP`] rows per transaction.
+#[derive(Debug)]
+struct Round {
+    beats: std::collections::btree_map::IntoIter<String, Logged>,
+    /// The log holds nothing newer than this row for these beats: the rows to delete.
+    upto: i64,
+    /// Fold requests answered when the round is done.
+    done: Vec<oneshot::Sender<()>>,
+}
+
+impl Folder {
+    /// Notes the beats of a committed batch (`newest_row`: the last row it logged).
+    fn logged(&mut self, batch: &[(Beat, Reply)], committed: &Committed, at: i64, newest_row: i64) {
+        if committed.stored.is_empty() {
+            return;
+        }
+        for beat in latest_per_device(batch) {
+            if committed.stored.contains(&beat.device_id) {
+                self.unfolded.insert(
+                    beat.device_id.clone(),
+                    Logged {
+                        at,
+                        interval_s: beat.interval_s,
+                        agent_version: beat.agent_version.clone(),
+                        telemetry: beat.telemetry_json.clone(),
+                    },
+                );
+            }
+        }
+        self.unfolded_upto = newest_row;
+        self.logged_rows += committed.stored.len();
+        self.oldest.get_or_insert_with(Instant::now);
+    }
+
+    /// Starts a round when one is due or asked for, and takes one step of the round under way.
+    fn step(&mut self, conn: &mut Connection) {
+        if self.round.is_none() {
+            let due = self.unfolded.len() >= FOLD_MAX_DEVICES
+                || self.logged_rows >= FOLD_MAX_ROWS
+                || self.oldest.is_some_and(|t| t.elapsed() >= FOLD_DELAY)
+                || !self.waiting.is_empty();
+            if !due {
+                return;
+            }
+        }
+        self.step_now(conn);
+    }
+
+    /// One step, starting a round if none is under way; false if the step failed.
+    fn step_now(&mut self, conn: &mut Connection) -> bool {
+        let round = match &mut self.round {
+            Some(round) => round,
+            None if self.unfolded.is_empty() => {
+                for done in self.waiting.drain(..) {
+                    let _ = done.send(());
+                }
+                return true;
+            }
+            None => {
+                self.oldest = None;
+                self.logged_rows = 0;
+                self.round.insert(Round {
+                    beats: std::mem::take(&mut self.unfolded).into_iter(),
+                    upto: self.unfolded_upto,
+                    done: std::mem::take(&mut self.waiting),
+                })
+            }
+        };
+        if round.beats.len() == 0 {
+            // Folded: the rows go. A failed delete leaves them to the next round's, which covers
+            // them too.
+            return match trim_step(conn, round.upto) {
+                Ok(rows) => {
+                    if rows < TRIM_STEP {
+                        self.round = None;
+                    }
+                    true
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "deleting folded heartbeats from the log failed");
+                    self.round = None;
+                    false
+                }
+            };
+        }
+        let step: Vec<(String, Logged)> = round.beats.by_ref().take(FOLD_STEP).collect();
+        if let Err(err) = fold_step(conn, &step) {
+            tracing::warn!(error = %err, "folding heartbeats failed; they stay in the log and are tried again");
+            // Back with the beats logged since, which are newer.
+            let round = self.round.take().expect("a round is under way");
+            for (device, beat) in step.into_iter().chain(round.beats) {
+                self.unfolded.entry(device).or_insert(beat);
+            }
+            self.oldest = Some(Instant::now());
+            for done in round.done {
+                let _ = done.send(());
+            }
+            return false;
+        }
+        if round.beats.len() == 0 {
+            for done in round.done.drain(..) {
+                let _ = done.send(());
+            }
+        }
+        true
+    }
+}
+
+/// Adds what is waiting in the queue to `jobs`, up to `max` jobs.
+fn take_waiting(receiver: &mut Queue, jobs: &mut Vec<Job>, max: usize) {
+    while jobs.len() < max {
+        match receiver.try_recv() {
+            Ok(job) => jobs.push(job),
+            Err(_) => break,
+        }
+    }
+}
+
+/// Writes a step of a fold into `device_heartbeats`.
+fn fold_step(conn: &mut Connection, beats: &[(String, Logged)]) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    {
+        let mut fold = tx.prepare_cached(FOLD_BEAT)?;
+        for (device, beat) in beats {
+            fold.execute(params![
+                beat.at,
+                beat.interval_s,
+                beat.agent_version,
+                beat.telemetry,
+                device
+            ])?;
+        }
+    }
+    tx.commit()
+}
+
+/// Deletes up to [`TRIM_STEP`] of the oldest log rows up to `upto`; how many it deleted.
+fn trim_step(conn: &mut Connection, upto: i64) -> rusqlite::Result<usize> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let rows = tx
+        .prepare_cached(
+            "DELETE FROM heartbeat_log WHERE seq IN
+               (SELECT seq FROM heartbeat_log WHERE seq <= ?1 ORDER BY seq LIMIT ?2)",
+        )?
+        .execute(params![upto, TRIM_STEP])?;
+    tx.commit()?;
+    Ok(rows)
+}
+
+/// Folds the log a stopped server left, in one transaction, and empties it.
+fn fold_left_over(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    tx.execute(FOLD_LEFT_OVER, [])?;
+    tx.execute("DELETE FROM heartbeat_log", [])?;
+    tx.commit()
 }
 
 fn run_checkpoints(conn: Connection, stopped: std_mpsc::Receiver<()>) {

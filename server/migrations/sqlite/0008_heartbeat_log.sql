@@ -1,0 +1,13 @@
+-- Heartbeats are appended here and folded into `device_heartbeats` in bulk by the heartbeat
+-- writer (server/src/heartbeat/sqlite.rs), at least every 5 seconds. Devices beat in no order, so
+-- updating each beat's row dirtied one 4 KiB page per beat, written whole to the WAL within the
+-- commit the beat waits for; appended rows share pages, and the fold writes each page it touches
+-- once for all the beats it carries. Only the writer writes this table, and the fold empties it.
+CREATE TABLE heartbeat_log (
+    seq           INTEGER PRIMARY KEY,
+    device_id     TEXT NOT NULL,
+    at            BIGINT NOT NULL,
+    interval_s    BIGINT NOT NULL,
+    agent_version TEXT NOT NULL,
+    telemetry     TEXT NOT NULL
+);
