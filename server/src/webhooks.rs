@@ -57,7 +57,7 @@ pub fn start(db: Db, heartbeats: crate::heartbeat::HeartbeatWriter, settings: We
         };
         loop {
             // Every beat answered so far counts: none is taken for missed because it is still
-            // in SQLite's heartbeat log.
+            // in SQLite's heartbeat log (a pass whose fold failed announces nothing).
             let sweep = webhooks::sweep_devices(&db, settings.offline_after, heartbeats.fold());
             if let Err(e) = sweep.await {
                 tracing::warn!(error = %e, "device sweep failed");

@@ -316,7 +316,8 @@ pub async fn list_devices(
     principal: Principal,
     ApiQuery(filter): ApiQuery<DeviceFilter>,
 ) -> ApiResult<Json<Value>> {
-    // Every heartbeat answered so far shows, though SQLite folds them in only every second.
+    // Every heartbeat answered so far shows, though SQLite folds them into the devices' rows only
+    // every few seconds. Should the fold fail (the writer logged why), the list is what it is.
     state.heartbeats.fold().await;
     let now = now_ms();
     let offline_after = state.settings.offline_after;

@@ -289,13 +289,14 @@ pub async fn record_attempt(
 /// replicas sweeping, each is announced once. Returns (offline, online) counts.
 ///
 /// `catch_up` is awaited when a transition looks due, before any is made: the heartbeat fold, as a
-/// device whose latest beats are still in SQLite's heartbeat log looks past its deadline. (A
-/// device back online whose beats are not folded yet is announced after the next fold.)
+/// device whose latest beats are still in SQLite's heartbeat log looks past its deadline. When it
+/// answers false (the fold failed) the pass makes no transition. (A device back online whose beats
+/// are not folded yet is announced after the next fold.)
 #[tracing::instrument(name = "db.webhooks.sweep_devices", level = "info", skip_all)]
 pub async fn sweep_devices(
     db: &Db,
     offline_after: u32,
-    catch_up: impl std::future::Future<Output = ()>,
+    catch_up: impl std::future::Future<Output = bool>,
 ) -> Result<(usize, usize), sqlx::Error> {
     // On `device_heartbeats`; a deregistered device (few: a partial index) is never announced.
     const WENT_OFFLINE: &str = "offline_since IS NULL
@@ -318,7 +319,9 @@ pub async fn sweep_devices(
         if !due {
             return Ok((0, 0));
         }
-        catch_up.await;
+        if !catch_up.await {
+            return Ok((0, 0));
+        }
         let mut tx = pool.begin_write().await?;
         let mut counts = [0; 2];
         let transitions = [

@@ -1,7 +1,7 @@
 //! The heartbeat path: handlers hand each beat to a writer that commits many beats in one
 //! transaction, so the cost of a durable commit (an fsync on SQLite) is shared by everything that
-//! arrived while the previous commit was running. Nothing waits on a timer: under light load a
-//! batch is one beat, under heavy load it grows by itself.
+//! arrived while the previous commit was running. Under light load a batch is one beat, under
+//! heavy load it grows by itself; the only wait is SQLite's short linger after a large batch.
 //!
 //! Each backend has its writer, behind the same queue:
 //! - SQLite ([`sqlite`]): one OS thread that owns a `rusqlite` connection and runs a whole batch as
@@ -15,10 +15,10 @@
 //! of queueing without bound; agents back off and come back.
 //!
 //! On SQLite a beat is appended to `heartbeat_log` and folded into `device_heartbeats` later, in
-//! bulk (see [`sqlite`]): what a device's row says of its liveness lags its beats by up to
-//! [`FOLD_DELAY`]. [`HeartbeatWriter::fold`] folds at once, for readers that must see every beat
-//! (the offline sweep). On PostgreSQL beats go straight to `device_heartbeats` and a fold is a
-//! no-op.
+//! bulk (see [`sqlite`]): what a device's row says of its liveness lags its beats by a few
+//! seconds ([`FOLD_DELAY`] plus the fold). [`HeartbeatWriter::fold`] folds at once, for readers
+//! that must see every beat (the REST device reads, the offline sweep). On PostgreSQL beats go
+//! straight to `device_heartbeats` and a fold is a no-op.
 
 mod postgres;
 mod sqlite;
@@ -67,8 +67,9 @@ pub const FOLD_DELAY: std::time::Duration = std::time::Duration::from_secs(5);
 enum Job {
     /// Store a beat and answer it once committed.
     Beat(Beat, Reply),
-    /// Fold the beats stored so far into `device_heartbeats` (SQLite), then answer.
-    Fold(oneshot::Sender<()>),
+    /// Fold the beats stored so far into `device_heartbeats` (SQLite), then answer whether that
+    /// worked.
+    Fold(oneshot::Sender<bool>),
     /// Fold if the oldest beat not folded yet has waited [`FOLD_DELAY`] (sent by a timer, so an
     /// idle writer folds too).
     Tick,
@@ -78,6 +79,8 @@ enum Job {
 #[derive(Debug, Clone)]
 pub struct HeartbeatWriter {
     queue: mpsc::Sender<Job>,
+    /// Whether beats wait in a log to be folded (SQLite); on PostgreSQL a fold has nothing to do.
+    logs_beats: bool,
 }
 
 /// Tuning of the writer.
@@ -116,7 +119,10 @@ impl HeartbeatWriter {
             )?,
             Db::Postgres(pool) => postgres::start(pool, receiver, config, metrics),
         }
-        Ok(HeartbeatWriter { queue })
+        Ok(HeartbeatWriter {
+            queue,
+            logs_beats: matches!(db, Db::Sqlite(_)),
+        })
     }
 
     /// Queues a beat and waits until it is committed.
@@ -135,14 +141,19 @@ impl HeartbeatWriter {
             .map_err(|_| ApiError::Internal(anyhow::anyhow!("heartbeat writer dropped a beat")))?
     }
 
-    /// Returns once every beat answered before the call is in `device_heartbeats`, for readers
-    /// that must see them all. Waits for room in the queue rather than failing when it is full; a
-    /// failed fold is logged by the writer (the beats stay in the log for the next one).
-    pub async fn fold(&self) {
-        let (done, folded) = oneshot::channel();
-        if self.queue.send(Job::Fold(done)).await.is_ok() {
-            let _ = folded.await;
+    /// Waits until every beat answered before the call is in `device_heartbeats`, for readers
+    /// that must see them all; false when that could not be done (the fold failed, and the writer
+    /// logged why, or the writer has stopped), so what the table says may lag. Waits for room in
+    /// the queue rather than failing when it is full. At once on PostgreSQL.
+    pub async fn fold(&self) -> bool {
+        if !self.logs_beats {
+            return true;
         }
+        let (done, folded) = oneshot::channel();
+        if self.queue.send(Job::Fold(done)).await.is_err() {
+            return false;
+        }
+        folded.await.unwrap_or(false)
     }
 }
 
@@ -150,7 +161,7 @@ impl HeartbeatWriter {
 fn split_jobs(
     jobs: impl IntoIterator<Item = Job>,
     beats: &mut Vec<(Beat, Reply)>,
-    folds: &mut Vec<oneshot::Sender<()>>,
+    folds: &mut Vec<oneshot::Sender<bool>>,
 ) {
     for job in jobs {
         match job {
@@ -312,7 +323,7 @@ mod tests {
             BeatOutcome::UnknownDevice
         );
         assert!(commands_of(writer.submit(beat(a, vec![])).await.unwrap()).is_empty());
-        writer.fold().await;
+        assert!(writer.fold().await);
         let stored = devices::by_id(&db, a).await.unwrap().unwrap();
         assert!(stored.last_heartbeat.is_some());
         assert_eq!(stored.telemetry.as_deref(), Some(r#"{"load1":0.5}"#));
@@ -345,7 +356,7 @@ mod tests {
         for handle in burst {
             assert!(commands_of(handle.await.unwrap().unwrap()).is_empty());
         }
-        writer.fold().await;
+        assert!(writer.fold().await);
         assert!(devices::by_id(&db, b)
             .await
             .unwrap()
@@ -380,7 +391,7 @@ mod tests {
             .bind(b).execute(pool).await.map(|_| ()))
         .unwrap();
         assert!(commands_of(writer.submit(beat(b, vec![])).await.unwrap()).is_empty());
-        writer.fold().await;
+        assert!(writer.fold().await);
         let healed = devices::by_id(&db, b).await.unwrap().unwrap();
         assert!(healed.last_heartbeat.is_some());
         assert_eq!(healed.telemetry.as_deref(), Some(r#"{"load1":0.5}"#));
@@ -432,7 +443,7 @@ mod tests {
         for n in 1..=3 {
             assert!(commands_of(writer.submit(numbered(n)).await.unwrap()).is_empty());
         }
-        writer.fold().await;
+        assert!(writer.fold().await);
         assert_eq!(telemetry().await, r#"{"n":3}"#);
         // The folded rows leave the log right after the fold is answered.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -443,6 +454,13 @@ mod tests {
             );
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
+        // A row number is never reused, even by an empty log: deleting up to a fold's newest row
+        // cannot take a beat logged after it.
+        assert!(commands_of(writer.submit(numbered(6)).await.unwrap()).is_empty());
+        let newest = crate::db::with_pool!(&db, pool => sqlx::query_scalar::<_, i64>(
+            "SELECT max(seq) FROM heartbeat_log").fetch_one(pool).await)
+        .unwrap();
+        assert_eq!(newest, 4);
 
         // As a server that stopped before folding leaves them.
         crate::db::with_pool!(&db, pool => sqlx::query(
@@ -493,8 +511,11 @@ mod tests {
         let swept = crate::db::webhooks::sweep_devices(&db, 3, writer.fold()).await;
         assert_eq!(swept.unwrap(), (0, 0));
 
+        // A pass whose fold failed announces nothing; what it would act on is the folded row.
         set_stale().await;
-        let swept = crate::db::webhooks::sweep_devices(&db, 3, async {}).await;
+        let swept = crate::db::webhooks::sweep_devices(&db, 3, async { false }).await;
+        assert_eq!(swept.unwrap(), (0, 0));
+        let swept = crate::db::webhooks::sweep_devices(&db, 3, async { true }).await;
         assert_eq!(swept.unwrap(), (1, 0));
     }
 }

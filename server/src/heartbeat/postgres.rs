@@ -78,7 +78,7 @@ async fn run(pool: PgPool, receiver: Arc<Mutex<Queue>>, max_batch: usize, metric
         split_jobs(jobs.drain(..), &mut batch, &mut fold_requests);
         // Beats go straight to `device_heartbeats` here: there is nothing to fold.
         for done in fold_requests.drain(..) {
-            let _ = done.send(());
+            let _ = done.send(true);
         }
         if batch.is_empty() {
             continue;

@@ -6,8 +6,8 @@
 //!   row. Devices beat in no order, so a batch of updated rows dirtied one page per beat, each
 //!   written whole to the WAL and later copied by the checkpoint; appended rows share pages (a
 //!   batch of 50 beats fills 4). A fold ([`Folder`]) writes each device's latest beat, kept in
-//!   memory, into `device_heartbeats` at least every [`FOLD_DELAY`](super::FOLD_DELAY), in device
-//!   order and in steps of [`FOLD_STEP`] devices between batches: every page it touches is written
+//!   memory, into `device_heartbeats` once the oldest has waited [`FOLD_DELAY`](super::FOLD_DELAY)
+//!   (or when asked), in device order and in steps of [`FOLD_STEP`] devices between batches: every page it touches is written
 //!   once for all the beats it carries, and no commit a beat waits for includes it;
 //! - the whole batch is one hand-off in; the answers go out as one hand-off to a task on the
 //!   runtime, which wakes the handlers from there (waking each from this thread cost a cross-thread
@@ -251,7 +251,7 @@ struct Folder {
     /// Beats logged since the last fold started.
     logged_rows: usize,
     /// Fold requests for the next round.
-    waiting: Vec<oneshot::Sender<()>>,
+    waiting: Vec<oneshot::Sender<bool>>,
     round: Option<Round>,
 }
 
@@ -263,7 +263,7 @@ struct Round {
     /// The log holds nothing newer than this row for these beats: the rows to delete.
     upto: i64,
     /// Fold requests answered when the round is done.
-    done: Vec<oneshot::Sender<()>>,
+    done: Vec<oneshot::Sender<bool>>,
 }
 
 impl Folder {
@@ -310,7 +310,7 @@ impl Folder {
             Some(round) => round,
             None if self.unfolded.is_empty() => {
                 for done in self.waiting.drain(..) {
-                    let _ = done.send(());
+                    let _ = done.send(true);
                 }
                 return true;
             }
@@ -351,13 +351,13 @@ impl Folder {
             }
             self.oldest = Some(Instant::now());
             for done in round.done {
-                let _ = done.send(());
+                let _ = done.send(false);
             }
             return false;
         }
         if round.beats.len() == 0 {
             for done in round.done.drain(..) {
-                let _ = done.send(());
+                let _ = done.send(true);
             }
         }
         true
