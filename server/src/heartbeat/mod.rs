@@ -276,6 +276,28 @@ mod tests {
         }
     }
 
+    /// A fresh SQLite database with tenant `acme` and `count` pre-authorized devices; their ids.
+    async fn with_devices(dir: &std::path::Path, count: u32) -> (Db, Vec<String>) {
+        let db = Db::open(None, dir).await.unwrap();
+        let tenant = tenants::create(&db, "acme").await.unwrap();
+        let tokens = dir.join("tokens");
+        crate::preauthorize::preauthorize(
+            &db,
+            &tenant,
+            count,
+            std::time::Duration::from_secs(60),
+            &tokens,
+        )
+        .await
+        .unwrap();
+        let ids = std::fs::read_to_string(&tokens)
+            .unwrap()
+            .lines()
+            .map(|l| l.split(' ').next().unwrap().to_owned())
+            .collect();
+        (db, ids)
+    }
+
     fn ack(id: &str) -> CommandAck {
         CommandAck {
             id: id.into(),
@@ -296,23 +318,7 @@ mod tests {
     #[tokio::test]
     async fn sqlite_writer_stores_beats_and_delivers_commands() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(None, dir.path()).await.unwrap();
-        let tenant = tenants::create(&db, "acme").await.unwrap();
-        let tokens = dir.path().join("tokens");
-        crate::preauthorize::preauthorize(
-            &db,
-            &tenant,
-            2,
-            std::time::Duration::from_secs(60),
-            &tokens,
-        )
-        .await
-        .unwrap();
-        let ids: Vec<String> = std::fs::read_to_string(&tokens)
-            .unwrap()
-            .lines()
-            .map(|l| l.split(' ').next().unwrap().to_owned())
-            .collect();
+        let (db, ids) = with_devices(dir.path(), 2).await;
         let (a, b) = (&ids[0], &ids[1]);
         let writer =
             HeartbeatWriter::start(&db, WriterConfig::default(), Arc::new(Metrics::new([])))
@@ -403,20 +409,8 @@ mod tests {
     #[tokio::test]
     async fn sqlite_log_is_folded_latest_beat_last_and_after_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(None, dir.path()).await.unwrap();
-        let tenant = tenants::create(&db, "acme").await.unwrap();
-        let tokens = dir.path().join("tokens");
-        crate::preauthorize::preauthorize(
-            &db,
-            &tenant,
-            1,
-            std::time::Duration::from_secs(60),
-            &tokens,
-        )
-        .await
-        .unwrap();
-        let id = std::fs::read_to_string(&tokens).unwrap();
-        let id = id.split(' ').next().unwrap().to_owned();
+        let (db, ids) = with_devices(dir.path(), 1).await;
+        let id = ids[0].clone();
         let start = || {
             HeartbeatWriter::start(&db, WriterConfig::default(), Arc::new(Metrics::new([])))
                 .unwrap()
@@ -478,20 +472,8 @@ mod tests {
     #[tokio::test]
     async fn the_sweep_folds_before_announcing_a_device_offline() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(None, dir.path()).await.unwrap();
-        let tenant = tenants::create(&db, "acme").await.unwrap();
-        let tokens = dir.path().join("tokens");
-        crate::preauthorize::preauthorize(
-            &db,
-            &tenant,
-            1,
-            std::time::Duration::from_secs(60),
-            &tokens,
-        )
-        .await
-        .unwrap();
-        let id = std::fs::read_to_string(&tokens).unwrap();
-        let id = id.split(' ').next().unwrap().to_owned();
+        let (db, ids) = with_devices(dir.path(), 1).await;
+        let id = ids[0].clone();
         let writer =
             HeartbeatWriter::start(&db, WriterConfig::default(), Arc::new(Metrics::new([])))
                 .unwrap();

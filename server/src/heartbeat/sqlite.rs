@@ -175,7 +175,6 @@ fn run(
 ) {
     let mut jobs = Vec::with_capacity(max_batch);
     let mut batch = Vec::with_capacity(max_batch);
-    let mut fold_requests = Vec::new();
     let mut folder = Folder::default();
     let mut previous_batch = 0;
     loop {
@@ -201,7 +200,7 @@ fn run(
                 std::thread::sleep(LINGER);
                 take_waiting(&mut receiver, &mut jobs, max_batch);
             }
-            split_jobs(jobs.drain(..), &mut batch, &mut fold_requests);
+            split_jobs(jobs.drain(..), &mut batch, &mut folder.waiting);
             previous_batch = batch.len();
         }
         if !batch.is_empty() {
@@ -210,7 +209,7 @@ fn run(
             let committed = write_batch(&mut conn, &batch, now).map_err(|e| e.to_string());
             record(&metrics, batch.len(), started, committed.is_ok());
             if let Ok(committed) = &committed {
-                folder.logged(&batch, committed, now, conn.last_insert_rowid());
+                folder.logged(&mut batch, committed, now, conn.last_insert_rowid());
             }
             let full = std::mem::replace(&mut batch, Vec::with_capacity(max_batch));
             if let Err(mpsc::error::SendError((mut batch, committed))) =
@@ -219,7 +218,6 @@ fn run(
                 answer(&mut batch, committed); // the runtime is shutting down
             }
         }
-        folder.waiting.append(&mut fold_requests);
         folder.step(&mut conn);
     }
     while folder.round.is_some() || !folder.unfolded.is_empty() {
@@ -267,22 +265,34 @@ struct Round {
 }
 
 impl Folder {
-    /// Notes the beats of a committed batch (`newest_row`: the last row it logged).
-    fn logged(&mut self, batch: &[(Beat, Reply)], committed: &Committed, at: i64, newest_row: i64) {
+    /// Notes the beats of a committed batch (`newest_row`: the last row it logged). Their agent
+    /// version and telemetry move here: answering a beat needs neither.
+    fn logged(
+        &mut self,
+        batch: &mut [(Beat, Reply)],
+        committed: &Committed,
+        at: i64,
+        newest_row: i64,
+    ) {
         if committed.stored.is_empty() {
             return;
         }
-        for beat in latest_per_device(batch) {
-            if committed.stored.contains(&beat.device_id) {
-                self.unfolded.insert(
-                    beat.device_id.clone(),
-                    Logged {
-                        at,
-                        interval_s: beat.interval_s,
-                        agent_version: beat.agent_version.clone(),
-                        telemetry: beat.telemetry_json.clone(),
-                    },
-                );
+        // In arrival order, so a device's latest beat of the batch is the one that stays.
+        for (beat, _) in batch.iter_mut() {
+            if !committed.stored.contains(&beat.device_id) {
+                continue;
+            }
+            let logged = Logged {
+                at,
+                interval_s: beat.interval_s,
+                agent_version: std::mem::take(&mut beat.agent_version),
+                telemetry: std::mem::take(&mut beat.telemetry_json),
+            };
+            match self.unfolded.get_mut(&beat.device_id) {
+                Some(unfolded) => *unfolded = logged,
+                None => {
+                    self.unfolded.insert(beat.device_id.clone(), logged);
+                }
             }
         }
         self.unfolded_upto = newest_row;
