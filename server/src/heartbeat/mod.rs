@@ -318,8 +318,8 @@ mod tests {
     #[tokio::test]
     async fn sqlite_writer_stores_beats_and_delivers_commands() {
         let dir = tempfile::tempdir().unwrap();
-        let (db, ids) = with_devices(dir.path(), 2).await;
-        let (a, b) = (&ids[0], &ids[1]);
+        let (db, ids) = with_devices(dir.path(), 3).await;
+        let (a, b, c) = (&ids[0], &ids[1], &ids[2]);
         let writer =
             HeartbeatWriter::start(&db, WriterConfig::default(), Arc::new(Metrics::new([])))
                 .unwrap();
@@ -390,6 +390,17 @@ mod tests {
             BeatOutcome::Deregistered
         );
         assert!(commands_of(writer.submit(beat(b, vec![])).await.unwrap()).is_empty());
+
+        // Deregistered through the API (another connection) after its beats were stored: the
+        // writer, which knew it live, refuses its next beat.
+        assert!(commands_of(writer.submit(beat(c, vec![])).await.unwrap()).is_empty());
+        assert!(commands_of(writer.submit(beat(c, vec![])).await.unwrap()).is_empty());
+        let tenant = devices::by_id(&db, c).await.unwrap().unwrap().tenant_id;
+        assert!(devices::deregister(&db, &tenant, c).await.unwrap());
+        assert_eq!(
+            writer.submit(beat(c, vec![])).await.unwrap(),
+            BeatOutcome::Deregistered
+        );
 
         // A device whose heartbeat row went missing gets it back with its next beat, instead of
         // being taken for deregistered.

@@ -12,6 +12,10 @@
 //! - the whole batch is one hand-off in; the answers go out as one hand-off to a task on the
 //!   runtime, which wakes the handlers from there (waking each from this thread cost a cross-thread
 //!   wake-up per beat);
+//! - what the writer learns of a device (it has a heartbeat row and is not deregistered; it has no
+//!   open command) is kept in memory ([`Known`]) until another connection commits, which
+//!   `PRAGMA data_version` tells: a beat of a known device is appended without the two index
+//!   probes and the command query it would otherwise cost;
 //! - after a large batch, a small one waits [`LINGER`] for the rest of the wave of beats that the
 //!   large batch's answers set off, instead of paying a whole fsync for the first few;
 //! - checkpoints run on a second thread with its own connection (`wal_autocheckpoint` is off on the
@@ -24,7 +28,7 @@ use crate::metrics::Metrics;
 use anyhow::Context as _;
 use kernex_protocol::wire::{CommandOutcome, DeviceCommand, MAX_COMMAND_OUTPUT};
 use rusqlite::{params, Connection, OptionalExtension as _};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
@@ -48,6 +52,12 @@ const TRIM_STEP: usize = 8_192;
 const FOLD_STEP: usize = 2_048;
 /// How long a batch much smaller than the one before waits for more beats.
 const LINGER: Duration = Duration::from_micros(300);
+/// Devices with open commands held in memory at most; with more (a command queued to a whole
+/// large fleet), every beat asks the database for its device's commands.
+const WITH_COMMANDS_HELD: usize = 16_384;
+/// Devices known to be live held in memory at most (about 100 bytes each); past it, the set starts
+/// over.
+const LIVE_HELD: usize = 1 << 20;
 
 /// A committed batch and what the commit did, on its way to the task that answers its beats.
 type Answers = mpsc::UnboundedSender<(Vec<(Beat, Reply)>, Result<Committed, String>)>;
@@ -62,6 +72,14 @@ const STORE: &str =
         WHERE EXISTS (SELECT 1 FROM device_heartbeats WHERE device_id = ?5)
           AND NOT EXISTS (SELECT 1 FROM devices INDEXED BY devices_deregistered
                           WHERE id = ?5 AND deregistered_at IS NOT NULL)";
+/// Logs a beat of a device known to be live ([`Known::live`]).
+const APPEND: &str =
+    "INSERT INTO heartbeat_log (device_id, at, interval_s, agent_version, telemetry)
+        VALUES (?5, ?1, ?2, ?3, ?4)";
+/// The devices with open commands, one more than [`WITH_COMMANDS_HELD`] at most (from the small
+/// partial index of open commands).
+const WITH_COMMANDS: &str = "SELECT DISTINCT device_id FROM commands INDEXED BY commands_open
+        WHERE state IN ('queued', 'delivered') LIMIT ?1";
 /// Folds what a stopped server logged and did not fold: each device's latest logged beat.
 const FOLD_LEFT_OVER: &str =
     "UPDATE device_heartbeats SET last_heartbeat = l.at, interval_s = l.interval_s,
@@ -176,6 +194,7 @@ fn run(
     let mut jobs = Vec::with_capacity(max_batch);
     let mut batch = Vec::with_capacity(max_batch);
     let mut folder = Folder::default();
+    let mut known = Known::default();
     let mut previous_batch = 0;
     loop {
         // While a fold is under way or asked for, it is the work to do when no beat is waiting. The
@@ -206,7 +225,11 @@ fn run(
         if !batch.is_empty() {
             let started = Instant::now();
             let now = now_ms();
-            let committed = write_batch(&mut conn, &batch, now).map_err(|e| e.to_string());
+            let committed = write_batch(&mut conn, &batch, now, &mut known).map_err(|e| {
+                // What the rolled-back transaction taught it may not hold.
+                known = Known::default();
+                e.to_string()
+            });
             record(&metrics, batch.len(), started, committed.is_ok());
             if let Ok(committed) = &committed {
                 folder.logged(&mut batch, committed, now, conn.last_insert_rowid());
@@ -262,6 +285,51 @@ struct Round {
     upto: i64,
     /// Fold requests answered when the round is done.
     done: Vec<oneshot::Sender<bool>>,
+}
+
+/// What the writer knows of devices from its own statements, as long as no other connection has
+/// committed since: only other connections queue commands, deregister devices through the API or
+/// delete rows, and any commit of theirs changes `PRAGMA data_version`. Checked inside the
+/// writer's transaction, which holds the write lock, so nothing can commit between the check and
+/// the beats it serves.
+#[derive(Debug, Default)]
+struct Known {
+    /// The `data_version` this holds for; None: nothing known yet.
+    data_version: Option<i64>,
+    /// Devices whose beats were stored: they have a heartbeat row and are not deregistered.
+    live: HashSet<String>,
+    /// Devices that may have open commands (every one that has some is in it); None when there
+    /// are more than [`WITH_COMMANDS_HELD`], and every beat asks.
+    with_commands: Option<HashSet<String>>,
+}
+
+impl Known {
+    /// Forgets everything if another connection committed since the last call.
+    fn refresh(&mut self, tx: &rusqlite::Transaction) -> rusqlite::Result<()> {
+        let version: i64 = tx
+            .prepare_cached("PRAGMA data_version")?
+            .query_row([], |row| row.get(0))?;
+        if self.data_version == Some(version) && self.live.len() < LIVE_HELD {
+            return Ok(());
+        }
+        self.live.clear();
+        let mut with_commands = HashSet::new();
+        let mut query = tx.prepare_cached(WITH_COMMANDS)?;
+        let mut rows = query.query([WITH_COMMANDS_HELD + 1])?;
+        while let Some(row) = rows.next()? {
+            with_commands.insert(row.get(0)?);
+        }
+        self.with_commands = (with_commands.len() <= WITH_COMMANDS_HELD).then_some(with_commands);
+        self.data_version = Some(version);
+        Ok(())
+    }
+
+    /// Whether the device may have open commands.
+    fn may_have_commands(&self, device: &str) -> bool {
+        self.with_commands
+            .as_ref()
+            .is_none_or(|devices| devices.contains(device))
+    }
 }
 
 impl Folder {
@@ -450,24 +518,30 @@ fn write_batch(
     conn: &mut Connection,
     batch: &[(Beat, Reply)],
     now: i64,
+    known: &mut Known,
 ) -> rusqlite::Result<Committed> {
     let beats = latest_per_device(batch);
     let mut committed = Committed::default();
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    known.refresh(&tx)?;
     {
+        let mut append = tx.prepare_cached(APPEND)?;
         let mut store = tx.prepare_cached(STORE)?;
         let mut deregistered = tx.prepare_cached(DEREGISTERED)?;
         for beat in &beats {
-            let mut store_beat = || {
-                store.execute(params![
-                    now,
-                    beat.interval_s,
-                    beat.agent_version,
-                    beat.telemetry_json,
-                    beat.device_id
-                ])
-            };
-            let mut changed = store_beat()?;
+            let values = params![
+                now,
+                beat.interval_s,
+                beat.agent_version,
+                beat.telemetry_json,
+                beat.device_id
+            ];
+            if known.live.contains(&beat.device_id) {
+                append.execute(values)?;
+                committed.stored.insert(beat.device_id.clone());
+                continue;
+            }
+            let mut changed = store.execute(values)?;
             if changed == 0 {
                 let state: Option<bool> = deregistered
                     .query_row([&beat.device_id], |row| row.get(0))
@@ -481,13 +555,14 @@ fn write_batch(
                     Some(false) => {
                         tracing::warn!(device = %beat.device_id, "device had no heartbeat row; created");
                         tx.execute(HEARTBEAT_ROW_SQL, [&beat.device_id])?;
-                        changed = store_beat()?;
+                        changed = store.execute(values)?;
                     }
                     None => {}
                 }
             }
             if changed == 1 {
                 committed.stored.insert(beat.device_id.clone());
+                known.live.insert(beat.device_id.clone());
             }
         }
         let mut ack = tx.prepare_cached(ACK_SQL)?;
@@ -511,6 +586,7 @@ fn write_batch(
                 if kind.as_deref() == Some("deregister") && a.outcome == CommandOutcome::Succeeded {
                     tx.execute(DEREGISTER_SQL, params![now, beat.device_id])?;
                     committed.deregistered_now.insert(beat.device_id.clone());
+                    known.live.remove(&beat.device_id);
                 }
             }
         }
@@ -518,7 +594,10 @@ fn write_batch(
         let mut mark = tx.prepare_cached(MARK_DELIVERED)?;
         for beat in &beats {
             let id = &beat.device_id;
-            if !committed.stored.contains(id) || committed.deregistered_now.contains(id) {
+            if !committed.stored.contains(id)
+                || committed.deregistered_now.contains(id)
+                || !known.may_have_commands(id)
+            {
                 continue;
             }
             let commands = open
@@ -535,7 +614,12 @@ fn write_batch(
             for command in &commands {
                 mark.execute(params![now, command.id])?;
             }
-            if !commands.is_empty() {
+            if commands.is_empty() {
+                // Acknowledged in this batch, or delivered and closed by an earlier one.
+                if let Some(devices) = &mut known.with_commands {
+                    devices.remove(id);
+                }
+            } else {
                 committed.open.insert(id.clone(), commands);
             }
         }
