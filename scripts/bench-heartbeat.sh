@@ -74,7 +74,7 @@ widen() {
   local sql="UPDATE devices SET public_key = '$public_key', facts = '$facts'"
   case "$1" in
     sqlite) sqlite3 "$2/data/kernex.db" "$sql" ;;
-    postgres) psql "${pg_admin%/*}/$3" -qc "$sql" -qc "VACUUM ANALYZE" >/dev/null ;;
+    postgres) psql "${pg_admin%/*}/$3" -qc "$sql" -qc "VACUUM ANALYZE" -qc "CHECKPOINT" >/dev/null ;;
   esac
 }
 
@@ -96,6 +96,9 @@ for backend in $backends; do
     "$server" "${storage[@]}" device preauthorize --tenant bench --count "$n" --out "$dir/tokens" 2>/dev/null
     seed_s=$(echo "$(date +%s.%N) - $seed_start" | bc)
     widen "$backend" "$dir" "$db"
+    # Each target starts on a quiet disk: what the seeding and the previous target wrote is on it
+    # (a run after SQLite's 100k devices otherwise shared the disk with their write-back).
+    sync
     measure_noop
     # Simulated devices beat far faster than real ones (10k devices at 40k/s) and enrollment is
     # replayed from one address: limits raised, not removed, so the limiter's cost is measured.
@@ -126,6 +129,8 @@ for backend in $backends; do
       enrolls+=("| $backend | $erate | $ep50 | $ep99 | $enon |")
     fi
     kill "$server_pid"; wait "$server_pid" 2>/dev/null || true
+    rm -rf "$dir/data"
+    if [ -n "$db" ]; then psql "$pg_admin" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null; fi
   done
 done
 
