@@ -13,8 +13,8 @@
 //!   runtime, which wakes the handlers from there (waking each from this thread cost a cross-thread
 //!   wake-up per beat);
 //! - what the writer learns of a device (it has a heartbeat row and is not deregistered; it has no
-//!   open command) is kept in memory ([`Known`]) until another connection commits, which
-//!   `PRAGMA data_version` tells: a beat of a known device is appended without the two index
+//!   open command) is kept in memory ([`Known`]) until a change that could make it wrong, which
+//!   triggers count (migration 0009): a beat of a known device is appended without the two index
 //!   probes and the command query it would otherwise cost;
 //! - after a large batch, a small one waits [`LINGER`] for the rest of the wave of beats that the
 //!   large batch's answers set off, instead of paying a whole fsync for the first few;
@@ -52,12 +52,13 @@ const TRIM_STEP: usize = 8_192;
 const FOLD_STEP: usize = 2_048;
 /// How long a batch much smaller than the one before waits for more beats.
 const LINGER: Duration = Duration::from_micros(300);
-/// Devices with open commands held in memory at most; with more (a command queued to a whole
-/// large fleet), every beat asks the database for its device's commands.
-const WITH_COMMANDS_HELD: usize = 16_384;
-/// Devices known to be live held in memory at most (about 100 bytes each); past it, the set starts
-/// over.
-const LIVE_HELD: usize = 1 << 20;
+/// Devices with open commands held in memory at most (re-read whenever a command is queued); with
+/// more (a command queued to a whole large fleet), every beat asks the database for its device's
+/// commands.
+const WITH_COMMANDS_HELD: usize = if cfg!(test) { 1 } else { 4_096 };
+/// Devices known to be live held in memory at most (about 100 bytes each, so about 26 MiB); past
+/// it, the set starts over.
+const LIVE_HELD: usize = 1 << 18;
 
 /// A committed batch and what the commit did, on its way to the task that answers its beats.
 type Answers = mpsc::UnboundedSender<(Vec<(Beat, Reply)>, Result<Committed, String>)>;
@@ -287,15 +288,15 @@ struct Round {
     done: Vec<oneshot::Sender<bool>>,
 }
 
-/// What the writer knows of devices from its own statements, as long as no other connection has
-/// committed since: only other connections queue commands, deregister devices through the API or
-/// delete rows, and any commit of theirs changes `PRAGMA data_version`. Checked inside the
-/// writer's transaction, which holds the write lock, so nothing can commit between the check and
-/// the beats it serves.
+/// What the writer knows of devices from its own statements, as long as nothing that could make it
+/// wrong has happened since: a device deregistered or deleted, a heartbeat row deleted, a command
+/// queued or reopened. Triggers count those in `heartbeat_writer_epoch` (migration 0009), whoever
+/// makes them, the writer included; the count is read inside the writer's transaction, which
+/// holds the write lock, so nothing can change between the check and the beats it serves.
 #[derive(Debug, Default)]
 struct Known {
-    /// The `data_version` this holds for; None: nothing known yet.
-    data_version: Option<i64>,
+    /// The epoch this holds for; None: nothing known yet.
+    epoch: Option<i64>,
     /// Devices whose beats were stored: they have a heartbeat row and are not deregistered.
     live: HashSet<String>,
     /// Devices that may have open commands (every one that has some is in it); None when there
@@ -304,15 +305,16 @@ struct Known {
 }
 
 impl Known {
-    /// Forgets everything if another connection committed since the last call.
+    /// Forgets everything if the epoch moved since the last call.
     fn refresh(&mut self, tx: &rusqlite::Transaction) -> rusqlite::Result<()> {
-        let version: i64 = tx
-            .prepare_cached("PRAGMA data_version")?
+        let epoch: i64 = tx
+            .prepare_cached("SELECT n FROM heartbeat_writer_epoch")?
             .query_row([], |row| row.get(0))?;
-        if self.data_version == Some(version) && self.live.len() < LIVE_HELD {
+        if self.epoch == Some(epoch) && self.live.len() < LIVE_HELD {
             return Ok(());
         }
-        self.live.clear();
+        // Not `clear`: a full set would keep its memory.
+        self.live = HashSet::new();
         let mut with_commands = HashSet::new();
         let mut query = tx.prepare_cached(WITH_COMMANDS)?;
         let mut rows = query.query([WITH_COMMANDS_HELD + 1])?;
@@ -320,7 +322,7 @@ impl Known {
             with_commands.insert(row.get(0)?);
         }
         self.with_commands = (with_commands.len() <= WITH_COMMANDS_HELD).then_some(with_commands);
-        self.data_version = Some(version);
+        self.epoch = Some(epoch);
         Ok(())
     }
 
