@@ -1,7 +1,8 @@
 //! The heartbeat path: handlers hand each beat to a writer that commits many beats in one
 //! transaction, so the cost of a durable commit (an fsync on SQLite) is shared by everything that
 //! arrived while the previous commit was running. Under light load a batch is one beat, under
-//! heavy load it grows by itself; the only wait is SQLite's short linger after a large batch.
+//! heavy load it grows by itself; the only wait is SQLite's spacing of commits under load (at most
+//! 3 ms, [`sqlite`]).
 //!
 //! Each backend has its writer, behind the same queue:
 //! - SQLite ([`sqlite`]): one OS thread that owns a `rusqlite` connection and runs a whole batch as
