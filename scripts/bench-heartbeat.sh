@@ -2,16 +2,22 @@
 # Heartbeat throughput of kernex-server on SQLite and PostgreSQL for N simulated devices, side by side
 # with a no-op axum endpoint on the same machine, in one run. Devices are seeded by
 # `kernex-server device preauthorize` (real device rows, real HMAC bearer tokens); wrk drives
-# heartbeats round-robin over all of them. Enrollment (RSA signature check) is measured separately.
+# heartbeats round robin over all of them. Enrollment (RSA signature check) is measured separately.
 #
-# Usage: bench-heartbeat.sh [--devices "10000 100000"] [--duration 10] [--connections 256] [--backends "sqlite postgres"]
+# This machine's speed drifts by tens of percent within a minute, so each target is measured in
+# rounds, each a no-op run right before a heartbeat run: a round's ratio compares two runs seconds
+# apart, and the table gives the median round (and every round's ratio beside it).
+#
+# Usage: bench-heartbeat.sh [--devices "10000 100000"] [--duration 10] [--rounds 3] [--connections 256]
+#                           [--backends "sqlite postgres"]
 # Writes bench/results/heartbeat-<UTC time>.md and prints the same table.
 set -euo pipefail
-devices="10000 100000"; duration=10; connections=256; backends="sqlite postgres"
+devices="10000 100000"; duration=10; rounds=3; connections=256; backends="sqlite postgres"
 while [ $# -gt 0 ]; do
   case "$1" in
     --devices) devices=$2; shift 2 ;;
     --duration) duration=$2; shift 2 ;;
+    --rounds) rounds=$2; shift 2 ;;
     --connections) connections=$2; shift 2 ;;
     --backends) backends=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
@@ -42,28 +48,23 @@ rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 
 # run_wrk SCRIPT URL ARG → "ok_per_s p50_ms p99_ms non2xx"
 run_wrk() {
-  local out
-  out=$(wrk -t1 -c"$connections" -d"${duration}s" --latency -s "$1" "$2" -- "$3")
-  local total secs non2xx p50 p99
-  total=$(awk '/requests in/ {print $1}' <<<"$out")
-  secs=$(awk '/requests in/ {gsub(/s,/, "", $4); print $4}' <<<"$out")
-  non2xx=$(awk '/Non-2xx/ {print $5}' <<<"$out"); non2xx=${non2xx:-0}
-  p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
-  p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
-  echo "$(( (total - non2xx) * 100 / ${secs%.*}00 * 1 ))" "$p50" "$p99" "$non2xx" | awk -v t="$total" -v s="$secs" -v n="$non2xx" -v a="$p50" -v b="$p99" '{printf "%.0f %s %s %d\n", (t - n) / s, a, b, n}'
+  wrk -t1 -c"$connections" -d"${duration}s" --latency -s "$1" "$2" -- "$3" | awk '
+    # wrk prints latencies as 950.12us, 6.54ms or 1.02s
+    function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
+    /requests in/ { total = $1; secs = $4; sub(/s,$/, "", secs) }
+    /Non-2xx/ { non2xx = $5 }
+    $1 == "50%" { p50 = ms($2) }
+    $1 == "99%" { p99 = ms($2) }
+    END { printf "%.0f %.2f %.2f %d\n", (total - non2xx) / secs, p50, p99, non2xx }'
 }
 
-# The no-op ceiling is measured right before each target, so a shared machine's drift over the run
-# does not land in the ratio.
+# The no-op ceiling: one server for the whole run, measured right before each heartbeat run.
 noop_tokens="$work/noop-tokens"; echo "x kxnoop" > "$noop_tokens"
-measure_noop() {
-  start "$work/noop.out" "$bench" noop
-  local noop_pid=$pid
-  read -r noop_rate noop_p50 noop_p99 _ <<<"$(run_wrk bench/heartbeat.lua "$url" "$noop_tokens")"
-  noop_rss=$(rss_kib "$noop_pid")
-  kill "$noop_pid"; wait "$noop_pid" 2>/dev/null || true
-  rows+=("| no-op axum endpoint | - | $noop_rate | $noop_p50 | $noop_p99 | 0 | $((noop_rss / 1024)) MiB | - | 1.00 |")
-}
+start "$work/noop.out" "$bench" noop
+noop_url=$url
+
+# median VALUES... → the middle value (the lower middle of an even count)
+median() { printf '%s\n' "$@" | sort -g | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
 
 # Pre-authorized rows have no key yet; an enrolled device's row carries its RSA-4096 public key
 # (PEM, about 800 bytes) and its facts. The seeded rows are widened to that, so the database is
@@ -99,16 +100,21 @@ for backend in $backends; do
     # Each target starts on a quiet disk: what the seeding and the previous target wrote is on it
     # (a run after SQLite's 100k devices otherwise shared the disk with their write-back).
     sync
-    measure_noop
     # Simulated devices beat far faster than real ones (10k devices at 40k/s) and enrollment is
     # replayed from one address: limits raised, not removed, so the limiter's cost is measured.
     start "$dir/server.out" "$server" "${storage[@]}" serve --listen 127.0.0.1:0 --heartbeat-interval 60s \
       --rate-limit-device 1000/s:1000 --rate-limit-address 100000/s:100000
     server_pid=$pid
     idle_rss=$(rss_kib "$server_pid")
-    read -r rate p50 p99 non2xx <<<"$(run_wrk bench/heartbeat.lua "$url" "$dir/tokens")"
+    round_rates=(); round_noops=(); round_ratios=(); round_p50s=(); round_p99s=(); non2xx_total=0
+    for _ in $(seq 1 "$rounds"); do
+      read -r noop_rate _ <<<"$(run_wrk bench/heartbeat.lua "$noop_url" "$noop_tokens")"
+      read -r rate p50 p99 non2xx <<<"$(run_wrk bench/heartbeat.lua "$url" "$dir/tokens")"
+      round_noops+=("$noop_rate"); round_rates+=("$rate")
+      round_ratios+=("$(echo "scale=2; $rate / $noop_rate" | bc | sed 's/^\./0./')")
+      round_p50s+=("$p50"); round_p99s+=("$p99"); non2xx_total=$((non2xx_total + non2xx))
+    done
     rss=$(rss_kib "$server_pid")
-    ratio=$(echo "scale=2; $rate / $noop_rate" | bc)
     per_device=$(echo "scale=1; ($rss - $idle_rss) * 1024 / $n" | bc)
     # The cost of one more device, free of what any server holds for its connections and buffers
     # whatever the fleet: the growth of RSS between two fleet sizes.
@@ -118,7 +124,7 @@ for backend in $backends; do
       marginals+=("$backend: $marginal B per device from $previous_n to $n devices")
     fi
     previous_n=$n
-    rows+=("| kernex-server $backend | $n | $rate | $p50 | $p99 | $non2xx | $((rss / 1024)) MiB | $per_device B | $ratio |")
+    rows+=("| $backend | $n | $(median "${round_rates[@]}") | $(median "${round_noops[@]}") | **$(median "${round_ratios[@]}")** | ${round_ratios[*]} | $(median "${round_p50s[@]}") ms | $(median "${round_p99s[@]}") ms | $non2xx_total | $((rss / 1024)) MiB | $per_device B |")
     seeds+=("$backend $n devices seeded in ${seed_s%???????} s")
     if [ "$n" = "${devices%% *}" ]; then
       token=$("$server" "${storage[@]}" token create --tenant bench)
@@ -126,7 +132,7 @@ for backend in $backends; do
       curl -fsS -o /dev/null -X POST -H 'content-type: application/json' \
         -H "kernex-signature: $(cat "$dir/enroll/signature")" --data-binary @"$dir/enroll/body.json" "$url/api/v1/enroll"
       read -r erate ep50 ep99 enon <<<"$(run_wrk bench/enroll.lua "$url" "$dir/enroll")"
-      enrolls+=("| $backend | $erate | $ep50 | $ep99 | $enon |")
+      enrolls+=("| $backend | $erate | $ep50 ms | $ep99 ms | $enon |")
     fi
     kill "$server_pid"; wait "$server_pid" 2>/dev/null || true
     rm -rf "$dir/data"
@@ -140,10 +146,11 @@ out="bench/results/heartbeat-$(date -u +%Y%m%dT%H%M%SZ).md"
   echo
   echo "$(nproc) cores, wrk -t1 -c$connections -d${duration}s on loopback; server in release mode; SQLite synchronous=FULL."
   echo "Device rows as wide as enrolled ones (RSA-4096 public key, facts); heartbeats round robin over all devices."
-  echo "RSS per device = (RSS after the run - RSS at start) / devices. Each ratio is to the no-op row just above it."
+  echo "$rounds rounds per target, each a no-op run then a heartbeat run; each figure is the median of the rounds',"
+  echo "the ratio the median of the rounds' ratios (each round's listed). RSS per device = (RSS after the rounds - RSS at start) / devices."
   echo
-  echo "| target | devices | heartbeats/s (2xx) | p50 | p99 | non-2xx | server RSS | RSS per device | ratio to no-op |"
-  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+  echo "| backend | devices | heartbeats/s (2xx) | no-op/s | ratio to no-op | ratio per round | p50 | p99 | non-2xx | server RSS | RSS per device |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
   printf '%s\n' "${rows[@]}"
   echo
   if [ ${#marginals[@]} -gt 0 ]; then
