@@ -12,11 +12,24 @@ use kernex_protocol::wire::{DeviceCommand, MAX_COMMAND_OUTPUT};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
 
 /// Concurrent writers: enough to overlap one batch's commit with the next one's statements.
 const WRITERS: u32 = 4;
+
+/// Least time between two takes of the queue by the writers under load (tokio's timer rounds a
+/// wait up to its millisecond tick): beats that arrive meanwhile join the next batch instead of
+/// each free writer committing the first few. At 10k devices and 256 connections: 415–465 commits/s
+/// instead of 490–610, and 18.8k beats/s instead of 16.5k (+14 %, 4 interleaved rounds; 2 ms did
+/// less well). A beat after a quiet moment is taken at once.
+const TAKE_EVERY: Duration = Duration::from_millis(1);
+
+/// The queue the writers share, and when one of them last took beats from it.
+struct Shared {
+    queue: Queue,
+    last_take: Option<Instant>,
+}
 
 /// Stores the beats of devices that are not deregistered (the partial index of deregistered
 /// devices answers that, not the devices' rows). The batch's ids come again as an array, for the
@@ -54,27 +67,37 @@ pub(super) fn start(pool: &PgPool, receiver: Queue, config: WriterConfig, metric
         .acquire_timeout(Duration::from_secs(5))
         .test_before_acquire(false)
         .connect_lazy_with((*pool.connect_options()).clone());
-    let receiver = Arc::new(Mutex::new(receiver));
+    let shared = Arc::new(Mutex::new(Shared {
+        queue: receiver,
+        last_take: None,
+    }));
     for _ in 0..WRITERS {
         tokio::spawn(run(
             pool.clone(),
-            receiver.clone(),
+            shared.clone(),
             config.max_batch,
             metrics.clone(),
         ));
     }
 }
 
-async fn run(pool: PgPool, receiver: Arc<Mutex<Queue>>, max_batch: usize, metrics: Arc<Metrics>) {
+async fn run(pool: PgPool, shared: Arc<Mutex<Shared>>, max_batch: usize, metrics: Arc<Metrics>) {
     let mut jobs = Vec::with_capacity(max_batch);
     let mut batch = Vec::with_capacity(max_batch);
     let mut fold_requests = Vec::new();
     loop {
         {
-            let mut receiver = receiver.lock().await;
-            if receiver.recv_many(&mut jobs, max_batch).await == 0 {
+            let mut shared = shared.lock().await;
+            if let Some(wait) = shared
+                .last_take
+                .and_then(|at| TAKE_EVERY.checked_sub(at.elapsed()))
+            {
+                tokio::time::sleep(wait).await;
+            }
+            if shared.queue.recv_many(&mut jobs, max_batch).await == 0 {
                 return; // every sender is gone: the server is shutting down
             }
+            shared.last_take = Some(Instant::now());
         }
         split_jobs(jobs.drain(..), &mut batch, &mut fold_requests);
         // Beats go straight to `device_heartbeats` here: there is nothing to fold.
